@@ -1,0 +1,39 @@
+"""ovchat: chat with a local LLM through OpenVINO GenAI, without PyTorch.
+
+Public API::
+
+    from ovchat import ChatSession
+    session = ChatSession()            # the default model, on the best device
+    print(session.send("Hello!"))
+
+Heavy modules (OpenVINO, NNCF) are imported on first use, so importing ovchat is instant.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ChatSession": "ovchat.engine",
+    "TurnMetrics": "ovchat.engine",
+    "GenerationOptions": "ovchat.options",
+    "convert": "ovchat.convert",
+    "OvchatError": "ovchat.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ovchat.convert import convert
+    from ovchat.engine import ChatSession, TurnMetrics
+    from ovchat.errors import OvchatError
+    from ovchat.options import GenerationOptions
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ovchat' has no attribute {name!r}")

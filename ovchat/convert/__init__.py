@@ -1,0 +1,1 @@
+"""Checkpoint -> OpenVINO model conversion (torch-free). See the README's Architecture section."""
