@@ -1,0 +1,82 @@
+"""Which OpenVINO device runs the model, and with which properties.
+
+``auto`` prefers a GPU (OpenVINO's GPU plugin drives Intel GPUs) and falls back to the CPU.
+The device list can be injected, so the selection is testable on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from ovchat.errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+KNOWN = ("auto", "CPU", "GPU", "GPU.N", "NPU")
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """The device to compile for and a sentence saying why it was chosen."""
+
+    name: str
+    reason: str
+    automatic: bool
+
+    @property
+    def family(self) -> str:
+        return self.name.split(".")[0]
+
+
+def available_devices() -> list[str]:
+    """The devices OpenVINO reports on this machine, e.g. ['CPU', 'GPU.0', 'GPU.1']."""
+    import openvino as ov
+
+    return list(ov.Core().available_devices)
+
+
+def choose_device(requested: str = "auto", available: Optional[Sequence[str]] = None) -> DeviceChoice:
+    """Resolve ``requested`` (auto, CPU, GPU, GPU.N, NPU; case-insensitive) against the devices present."""
+    devices = list(available) if available is not None else available_devices()
+    want = (requested or "auto").strip()
+    upper = want.upper()
+    if upper == "AUTO":
+        gpus = [d for d in devices if d.split(".")[0] == "GPU"]
+        if gpus:
+            name = "GPU" if "GPU" in gpus else sorted(gpus)[0]
+            return DeviceChoice(name, f"auto: OpenVINO reports a GPU ({', '.join(gpus)})", True)
+        return DeviceChoice("CPU", "auto: no GPU reported by OpenVINO, using the CPU", True)
+    family, _, index = upper.partition(".")
+    if family not in ("CPU", "GPU", "NPU") or (index and not index.isdigit()):
+        raise DeviceError(f"unknown device {want!r}; use one of: {', '.join(KNOWN)}")
+    if _present(upper, devices):
+        return DeviceChoice(upper, f"{upper} requested", False)
+    raise DeviceError(f"device {upper} is not available on this machine; "
+                      f"available: {', '.join(devices) or 'none'} (or use --device auto)")
+
+
+def _present(name: str, devices: Sequence[str]) -> bool:
+    if name in devices:
+        return True
+    family, _, index = name.partition(".")
+    # A machine with one GPU lists it as plain "GPU"; "GPU.0" names the same device.
+    if index == "0" and family in devices:
+        return True
+    # "GPU" means the default GPU, which exists whenever any GPU.N does.
+    return not index and any(d.split(".")[0] == family for d in devices)
+
+
+def compile_properties(device: DeviceChoice, cache_dir: Optional[Path]) -> Dict[str, str]:
+    """Properties for LLMPipeline: low latency, one stream, and a compiled-model cache off the CPU.
+
+    The cache only pays off on GPU/NPU, where compilation takes seconds; on the CPU it makes
+    start-up slower, so it is left off there.
+    """
+    props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if device.family in ("GPU", "NPU") and cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        props["CACHE_DIR"] = str(cache_dir)
+    return props

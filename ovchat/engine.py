@@ -1,0 +1,328 @@
+"""The chat engine: one model on one device, a conversation, streamed replies and their metrics.
+
+``ChatSession`` owns an ``openvino_genai.LLMPipeline`` and the conversation as a list of
+messages; each turn hands GenAI a fresh ``ChatHistory`` (the deprecated start_chat/finish_chat
+pair is not used), so the session can trim, save and restore the conversation freely.
+
+Generation runs in a worker thread and its text chunks come back through a queue, which turns
+GenAI's callback streamer into a plain iterator and lets the caller stop a reply at any moment:
+the streamer answers STOP at the next token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from ovchat.devices import DeviceChoice, choose_device, compile_properties
+from ovchat.errors import ContextOverflowError, InputError, ModelLoadError, OvchatError
+from ovchat.modelfiles import context_length
+from ovchat.options import GenerationOptions
+from ovchat.progress import ProgressCallback, ignore
+from ovchat.store import compile_cache_dir, resolve_model
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+CONVERSATION_FORMAT = "ovchat-conversation"
+_DONE = object()
+# Tokens reserved for the reply when deciding whether old turns must go: a quarter of the
+# window, or max_new_tokens if that is smaller.
+_REPLY_SHARE = 4
+
+
+@dataclass(frozen=True)
+class TurnMetrics:
+    """What one reply cost. Times in seconds; ``finish_reason`` is stop, length or cancelled."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    decode_tokens_per_s: float
+    generate_s: float
+    load_s: float
+    context_used: int
+    context_limit: Optional[int]
+    finish_reason: str
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class ChatSession:
+    """A conversation with a local model.
+
+    >>> session = ChatSession(system="Answer briefly.")
+    >>> session.send("What is the capital of France?")
+    'Paris.'
+
+    ``model``: a model directory, a ``.gguf`` file or a known name; None is the default model.
+    ``device``: auto (GPU if OpenVINO reports one, else CPU), CPU, GPU, GPU.N or NPU.
+    ``max_context``: the context window in tokens; by default the model's own.
+    ``on_notice``: called with a sentence when the session does something the user should know
+    about (old turns dropped to fit the window, a device fallback).
+    """
+
+    def __init__(
+        self,
+        model: Optional[str | Path] = None,
+        *,
+        device: str = "auto",
+        system: Optional[str] = None,
+        options: Optional[GenerationOptions] = None,
+        max_context: Optional[int] = None,
+        on_notice: Callable[[str], None] = lambda _: None,
+        progress: ProgressCallback = ignore,
+        available_devices: Optional[Sequence[str]] = None,
+        pipeline_factory: Optional[Callable[..., Any]] = None,
+    ):
+        self.options = options or GenerationOptions()
+        self._notice = on_notice
+        self.model_path = resolve_model(None if model is None else str(model), progress=progress)
+        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                        or max_context < 1):
+            raise InputError(f"max_context must be a positive number of tokens, not {max_context!r}")
+        self.context_limit = max_context or context_length(self.model_path)
+        self.device = choose_device(device, available_devices)
+        self._pipe, self.load_s = self._load(pipeline_factory)
+        self._tokenizer = self._pipe.get_tokenizer()
+        if not self._tokenizer.chat_template:
+            raise ModelLoadError(f"{self.model_path} has no chat template; convert it again with "
+                                 "`ovchat convert`, which stores the checkpoint's template")
+        self._messages: List[Dict[str, str]] = []
+        if system:
+            self._messages.append({"role": "system", "content": system})
+        self._cancel = threading.Event()
+        self._busy = threading.Lock()
+        self.last_metrics: Optional[TurnMetrics] = None
+
+    # -- loading --------------------------------------------------------------------------
+
+    def _load(self, factory: Optional[Callable[..., Any]]) -> tuple:
+        if factory is None:
+            import openvino_genai
+
+            factory = openvino_genai.LLMPipeline
+        start = time.perf_counter()
+        try:
+            pipe = factory(str(self.model_path), self.device.name,
+                           **compile_properties(self.device, compile_cache_dir()))
+        except RuntimeError as e:
+            if not (self.device.automatic and self.device.family != "CPU"):
+                raise ModelLoadError(f"could not load {self.model_path} on {self.device.name}: "
+                                     f"{_first_line(e)}") from None
+            # auto picked an accelerator that could not take the model: the CPU always can.
+            failed = self.device.name
+            self.device = DeviceChoice("CPU", f"auto: {failed} could not load the model "
+                                       f"({_first_line(e)}), using the CPU", True)
+            self._notice(f"{failed} could not load the model; falling back to the CPU")
+            return self._load(factory)
+        return pipe, time.perf_counter() - start
+
+    # -- conversation ---------------------------------------------------------------------
+
+    @property
+    def messages(self) -> List[Dict[str, str]]:
+        """A copy of the conversation so far, the system prompt first if there is one."""
+        return [dict(m) for m in self._messages]
+
+    @property
+    def system(self) -> Optional[str]:
+        return self._messages[0]["content"] if self._messages and self._messages[0]["role"] == "system" else None
+
+    def set_system(self, text: Optional[str]) -> None:
+        """Replace (or with None remove) the system prompt; the rest of the conversation stays."""
+        rest = [m for m in self._messages if m["role"] != "system"]
+        self._messages = ([{"role": "system", "content": text}] if text else []) + rest
+
+    def reset(self) -> None:
+        """Forget the conversation, keeping the system prompt."""
+        self._messages = [m for m in self._messages if m["role"] == "system"]
+        self.last_metrics = None
+
+    def save(self, path: str | Path) -> None:
+        """Write the conversation and options as JSON."""
+        data = {"format": CONVERSATION_FORMAT, "version": 1, "model": str(self.model_path),
+                "options": self.options.as_dict(), "messages": self._messages}
+        try:
+            Path(path).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"could not write {path}: {e.strerror}") from None
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation (and options) with one written by ``save``."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise InputError(f"could not read {path}: {e.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path} is not a conversation saved by ovchat (not JSON)") from None
+        if not isinstance(data, dict) or data.get("format") != CONVERSATION_FORMAT:
+            raise InputError(f"{path} is not a conversation saved by ovchat")
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                for m in messages):
+            raise InputError(f"{path} has malformed messages (each needs a role and a content)")
+        options = GenerationOptions.from_mapping(data.get("options") or {})
+        self._messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.options = options
+
+    # -- generation -----------------------------------------------------------------------
+
+    def send(self, prompt: str, **options: Any) -> str:
+        """Send one user message and return the whole reply."""
+        return "".join(self.stream(prompt, **options))
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        """Send one user message and yield the reply as text chunks while it is generated.
+
+        Keyword arguments override generation options for this turn only. Closing the iterator
+        early (or ``cancel()``) stops the reply; what was generated stays in the conversation.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty; type a message")
+        opts = self.options.with_changes(**options)
+        if self._busy.locked():
+            raise OvchatError("this session is already generating a reply; wait for it or cancel it")
+        history, max_new, prompt_tokens = self._fit_turn({"role": "user", "content": prompt}, opts)
+        return self._generate(history, opts, max_new, prompt_tokens)
+
+    def cancel(self) -> None:
+        """Stop the reply being generated (from any thread); it ends at the next token."""
+        self._cancel.set()
+
+    def context_used(self) -> int:
+        """Tokens the conversation takes in the window now."""
+        return self._count(self._messages, add_generation_prompt=False) if self._messages else 0
+
+    def _generate(self, history: List[Dict[str, str]], opts: GenerationOptions, max_new: int,
+                  prompt_tokens: int) -> Iterator[str]:
+        import openvino_genai
+
+        config = opts.to_genai(self._pipe.get_generation_config(), max_new_tokens=max_new)
+        chunks: "queue.Queue[object]" = queue.Queue()
+        outcome: Dict[str, Any] = {}
+        self._cancel.clear()
+        running, stop = openvino_genai.StreamingStatus.RUNNING, openvino_genai.StreamingStatus.STOP
+
+        def streamer(text: str) -> Any:
+            chunks.put(text)
+            return stop if self._cancel.is_set() else running
+
+        def work() -> None:
+            try:
+                outcome["result"] = self._pipe.generate(openvino_genai.ChatHistory(history), config, streamer)
+            except RuntimeError as e:
+                outcome["error"] = e
+            finally:
+                chunks.put(_DONE)
+
+        if not self._busy.acquire(blocking=False):
+            raise OvchatError("this session is already generating a reply; wait for it or cancel it")
+        worker = threading.Thread(target=work, name="ovchat-generate", daemon=True)
+        parts: List[str] = []
+        try:
+            worker.start()
+            while True:
+                try:
+                    item = chunks.get(timeout=0.1)  # a timeout keeps the main thread responsive to Ctrl-C
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    break
+                parts.append(item)  # type: ignore[arg-type]
+                yield item  # type: ignore[misc]
+        finally:
+            cancelled = worker.is_alive()
+            if cancelled:
+                self._cancel.set()
+            worker.join()
+            self._finish_turn(history, parts, outcome, max_new, prompt_tokens, cancelled)
+            self._busy.release()
+        if "error" in outcome:
+            raise ModelLoadError(f"generation failed: {_first_line(outcome['error'])}")
+
+    def _finish_turn(self, history: List[Dict[str, str]], parts: List[str], outcome: Dict[str, Any],
+                     max_new: int, prompt_tokens: int, cancelled: bool) -> None:
+        result = outcome.get("result")
+        reply = result.texts[0] if result is not None and result.texts else "".join(parts)
+        self._messages = history + [{"role": "assistant", "content": reply}]
+        if result is None:
+            return
+        perf = result.perf_metrics
+        generated = perf.get_num_generated_tokens()
+        tpot_ms = perf.get_tpot().mean
+        if cancelled or self._cancel.is_set():
+            finish = "cancelled"
+        else:
+            finish = "length" if generated >= max_new else "stop"
+        self.last_metrics = TurnMetrics(
+            prompt_tokens=perf.get_num_input_tokens() or prompt_tokens,
+            generated_tokens=generated,
+            ttft_s=perf.get_ttft().mean / 1000,
+            decode_tokens_per_s=1000 / tpot_ms if tpot_ms > 0 else 0.0,
+            generate_s=perf.get_generate_duration().mean / 1000,
+            load_s=self.load_s,
+            context_used=self.context_used(),
+            context_limit=self.context_limit,
+            finish_reason=finish,
+        )
+
+    # -- context window -------------------------------------------------------------------
+
+    def _count(self, messages: List[Dict[str, str]], *, add_generation_prompt: bool = True) -> int:
+        import openvino_genai
+
+        text = self._tokenizer.apply_chat_template(openvino_genai.ChatHistory(messages),
+                                                   add_generation_prompt=add_generation_prompt)
+        return int(self._tokenizer.encode(text, add_special_tokens=False).input_ids.shape[1])
+
+    def _fit_turn(self, user: Dict[str, str], opts: GenerationOptions) -> tuple:
+        """The history for this turn, trimmed to the window, and how many tokens the reply may use.
+
+        While the prompt plus a reserve for the reply does not fit, the oldest exchange (a user
+        message and the replies after it) is dropped; the system prompt never is. A message that
+        leaves no room for even one token on its own is an error.
+        """
+        history = self._messages + [user]
+        count = self._count(history)
+        limit = self.context_limit
+        if limit is None:
+            return history, opts.max_new_tokens, count
+        reserve = min(opts.max_new_tokens, max(1, limit // _REPLY_SHARE))
+        dropped = 0
+        while count + reserve > limit:
+            first = next(i for i, m in enumerate(history) if m["role"] != "system")
+            if first == len(history) - 1:
+                break  # only the new message is left
+            end = first + 1
+            while end < len(history) - 1 and history[end]["role"] != "user":
+                end += 1
+            dropped += end - first
+            history = history[:first] + history[end:]
+            count = self._count(history)
+        if count >= limit:
+            raise ContextOverflowError(
+                f"the message needs {count} tokens with the system prompt, but the context window is "
+                f"{limit}; shorten it or raise --max-context")
+        if dropped:
+            self._messages = history[:-1]
+            self._notice(f"dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit "
+                         f"the {limit}-token context window")
+        return history, min(opts.max_new_tokens, limit - count), count
+
+
+def _first_line(error: BaseException) -> str:
+    """The informative line of an OpenVINO exception (they carry source paths and stack lines)."""
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    informative = [l for l in lines if not l.startswith(("Exception from", "Check ", "["))]
+    return (informative or lines or [type(error).__name__])[-1][:300]

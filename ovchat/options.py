@@ -1,0 +1,124 @@
+"""Generation options: one validated, immutable value that maps onto openvino_genai.GenerationConfig."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping, Optional, Tuple
+
+from ovchat.errors import OptionError
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How one reply is generated.
+
+    ``temperature == 0`` means greedy decoding (the default: replies are reproducible).
+    ``top_k == 0`` and ``top_p == 1`` switch those filters off.
+    """
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: Tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        # Coerce lists from JSON or /set into the hashable tuple the dataclass promises.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check_int("max_new_tokens", self.max_new_tokens, low=1)
+        _check_float("temperature", self.temperature, low=0.0, high=100.0)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_int("top_k", self.top_k, low=0)
+        _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, high=2**32 - 1)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise OptionError("stop strings must be non-empty text")
+
+    @classmethod
+    def names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "GenerationOptions":
+        """Build from a dict, rejecting keys that are not options (typos must not pass silently)."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise OptionError(f"unknown generation option {', '.join(unknown)}; "
+                              f"known: {', '.join(cls.names())}")
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> "GenerationOptions":
+        """A copy with some options changed; None values are left as they were."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise OptionError(f"unknown generation option {', '.join(unknown)}; "
+                              f"known: {', '.join(self.names())}")
+        return replace(self, **changes)
+
+    def with_text_value(self, name: str, text: str) -> "GenerationOptions":
+        """Set one option from its text form, as typed at `/set KEY VALUE`."""
+        name = name.replace("-", "_")
+        if name not in self.names():
+            raise OptionError(f"unknown option {name!r}; known: {', '.join(self.names())}")
+        current = {f.name: f for f in fields(self)}[name]
+        kind = current.type
+        if name == "stop":
+            value: Any = tuple(s for s in text.split("|") if s) if text not in ("", "none") else ()
+        elif name == "seed" and text.lower() in ("none", "random"):
+            value = None
+        elif "int" in str(kind):
+            try:
+                value = int(text)
+            except ValueError:
+                raise OptionError(f"{name} must be a whole number, not {text!r}") from None
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise OptionError(f"{name} must be a number, not {text!r}") from None
+        return replace(self, **{name: value})
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    def to_genai(self, config: Any, *, max_new_tokens: Optional[int] = None) -> Any:
+        """Fill an openvino_genai.GenerationConfig (the model's own, so its eos ids are kept)."""
+        config.max_new_tokens = max_new_tokens if max_new_tokens is not None else self.max_new_tokens
+        config.repetition_penalty = self.repetition_penalty
+        config.do_sample = self.temperature > 0
+        if config.do_sample:
+            config.temperature = self.temperature
+            config.top_p = self.top_p
+            if self.top_k:
+                config.top_k = self.top_k
+        if self.stop:
+            config.stop_strings = set(self.stop)
+        if self.seed is not None:
+            config.rng_seed = self.seed
+        return config
+
+
+def _check_int(name: str, value: Any, *, low: int, high: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(f"{name} must be a whole number, not {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise OptionError(f"{name} must be {bound}, not {value}")
+
+
+def _check_float(name: str, value: Any, *, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{name} must be a number, not {value!r}")
+    if value != value or value > high or value < low or (low_open and value == low):
+        side = f"above {low}" if low_open else f"at least {low}"
+        raise OptionError(f"{name} must be {side} and at most {high}, not {value}")

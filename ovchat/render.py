@@ -1,0 +1,72 @@
+"""Terminal rendering shared by the CLI commands and the REPL (the library itself never prints)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, TextIO
+
+from ovchat.progress import Progress
+
+
+def format_metrics(m, *, context_used: Optional[int] = None, context_limit: Optional[int] = None) -> str:
+    """One line per figure of a TurnMetrics (or None before the first reply), plus context usage."""
+    lines = []
+    if m is not None:
+        lines += [
+            f"prompt tokens:     {m.prompt_tokens}",
+            f"generated tokens:  {m.generated_tokens} ({m.finish_reason})",
+            f"time to first tok: {m.ttft_s * 1000:.0f} ms",
+            f"decode speed:      {m.decode_tokens_per_s:.1f} tokens/s",
+            f"generation time:   {m.generate_s:.2f} s",
+            f"model load time:   {m.load_s:.2f} s",
+        ]
+        context_used = m.context_used if context_used is None else context_used
+        context_limit = m.context_limit if context_limit is None else context_limit
+    if context_used is not None:
+        if context_limit:
+            share = 100 * context_used / context_limit
+            lines.append(f"context window:    {context_used} / {context_limit} tokens ({share:.1f}%)")
+        else:
+            lines.append(f"context window:    {context_used} tokens (model limit unknown)")
+    return "\n".join(lines)
+
+
+class ProgressPrinter:
+    """Render Progress reports on stderr: a live bar on a terminal, a few plain lines otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stderr, *, prefix: str = "ovchat: "):
+        self.stream = stream
+        self.prefix = prefix
+        self.live = stream.isatty()
+        self._last_message = None
+        self._bar_open = False
+        self._last_percent = -1
+
+    def __call__(self, p: Progress) -> None:
+        if p.done is None or not p.total:
+            self._close_bar()
+            self.stream.write(f"{self.prefix}{p.message}\n")
+            self._last_message = p.message
+            self.stream.flush()
+            return
+        percent = min(100, int(100 * p.done / p.total))
+        if self.live:
+            filled = percent * 30 // 100
+            self.stream.write(f"\r{self.prefix}{p.message} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}%")
+            self._bar_open = True
+            if p.done >= p.total:
+                self._close_bar()
+        elif p.message != self._last_message or (p.done >= p.total and self._last_percent != 100):
+            # Without a terminal, say when a step starts and when it ends, not every tick.
+            if p.message != self._last_message:
+                self.stream.write(f"{self.prefix}{p.message}...\n")
+            if p.done >= p.total:
+                self.stream.write(f"{self.prefix}{p.message}: done\n")
+            self._last_message = p.message
+        self._last_percent = percent
+        self.stream.flush()
+
+    def _close_bar(self) -> None:
+        if self._bar_open:
+            self.stream.write("\n")
+            self._bar_open = False
