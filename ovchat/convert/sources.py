@@ -483,24 +483,26 @@ def supported_architectures() -> Optional[Sequence[str]]:
         from ovchat.convert import models
     except ImportError:
         return None
-    for attr in ("SUPPORTED_ARCHITECTURES", "ARCHITECTURES", "SUPPORTED"):
-        archs = getattr(models, attr, None)
-        if archs:
-            return sorted(archs)
-    return None
+    archs = getattr(models, "ARCHITECTURES", None)
+    return sorted(archs) if archs else None
 
 
 def check_architecture(checkpoint: Checkpoint) -> None:
+    """Fail before any heavy work when no builder exists for the checkpoint."""
     if checkpoint.kind == "ov":
         return
     supported = supported_architectures()
     arch = checkpoint.architecture
-    if not arch:
-        raise UnsupportedArchitectureError(f"{checkpoint.path}: config.json names no architectures; "
-                                           "add the model's 'architectures' entry")
-    if supported is not None and arch not in supported:
-        raise UnsupportedArchitectureError(
-            f"{checkpoint.path}: architecture {arch} is not supported; ovchat converts {', '.join(supported)}")
+    if supported is None or arch in supported:
+        return
+    from ovchat.convert import models
+
+    # A config without "architectures" is still buildable from its model_type.
+    if not arch and checkpoint.config.get("model_type") in getattr(models, "MODEL_TYPES", {}):
+        return
+    found = arch or checkpoint.config.get("model_type") or "unknown (config.json names none)"
+    raise UnsupportedArchitectureError(
+        f"{checkpoint.path}: architecture {found} is not supported; ovchat converts {', '.join(supported)}")
 
 
 def open_checkpoint(path) -> Checkpoint:
