@@ -1,0 +1,128 @@
+"""Llama (2, 3, 3.1 with llama3 RoPE scaling, SmolLM2): the reference decoder wiring.
+
+mistral, qwen2 and phi3 reuse ``decoder`` with their own config fields and weight mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import openvino as ov
+
+from ovchat.convert import graph
+from ovchat.convert.safetensors import Weight
+from ovchat.errors import CheckpointError
+from ovchat.progress import Progress, ProgressCallback, ignore
+
+
+@dataclass
+class ModelArgs:
+    """The config.json fields the graph needs, under their Hugging Face names."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in config]
+        if missing:
+            raise CheckpointError(f"config.json lacks {', '.join(missing)}; use the checkpoint's original config.json")
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        # head_dim may be given explicitly (and may be null in the config).
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The sliding window of one layer (None: full attention)."""
+        return self.sliding_window
+
+
+# Per-layer weights, as (name prefix in the graph, weights). Variants override these two.
+AttentionWeights = Dict[str, Weight]  # q, k, v, o and optionally q_bias, k_bias, v_bias
+MlpWeights = Tuple[Weight, Weight, Weight]  # gate, up, down
+
+
+def attention_weights(get: Callable[[str], Weight], prefix: str, args: ModelArgs) -> AttentionWeights:
+    return {p: get(f"{prefix}.self_attn.{p}_proj.weight") for p in ("q", "k", "v", "o")}
+
+
+def mlp_weights(get: Callable[[str], Weight], prefix: str, args: ModelArgs) -> MlpWeights:
+    return tuple(get(f"{prefix}.mlp.{p}_proj.weight") for p in ("gate", "up", "down"))  # type: ignore[return-value]
+
+
+def decoder(checkpoint, args: ModelArgs, *, progress: ProgressCallback = ignore,
+            attention_weights=attention_weights, mlp_weights=mlp_weights) -> ov.Model:
+    """Wire embeddings, ``num_hidden_layers`` pre-norm decoder layers, the final norm and lm_head."""
+    fetched: List[Weight] = []
+    get = _getter(checkpoint, fetched)
+    shape = graph.AttentionShape(args.num_attention_heads, args.kv_heads, args.head_size)
+    inp = graph.inputs()
+    cos, sin = graph.Rope.from_config(checkpoint.config, args.head_size).cos_sin(inp.position_ids)
+    masks: Dict[Optional[int], ov.Output] = {}
+
+    table = graph.constant(get("model.embed_tokens.weight"), "model.embed_tokens.weight")
+    x = graph.embedding(inp.input_ids, graph.as_f32(table), "model.embed_tokens")
+    sinks: List[ov.Node] = []
+    for i in range(args.num_hidden_layers):
+        prefix = f"model.layers.{i}"
+        window = args.layer_window(i)
+        if window not in masks:
+            masks[window] = graph.attention_mask(inp, window)
+
+        h = graph.rms_norm(x, get(f"{prefix}.input_layernorm.weight"), args.rms_norm_eps, f"{prefix}.input_layernorm")
+        w = attention_weights(get, prefix, args)
+        attn = f"{prefix}.self_attn"
+        q = graph.linear(h, w["q"], f"{attn}.q_proj", w.get("q_bias"))
+        k = graph.linear(h, w["k"], f"{attn}.k_proj", w.get("k_bias"))
+        v = graph.linear(h, w["v"], f"{attn}.v_proj", w.get("v_bias"))
+        context, layer_sinks = graph.attention(q, k, v, inp=inp, shape=shape, cos=cos, sin=sin,
+                                               mask=masks[window], layer=i, name=attn)
+        sinks += layer_sinks
+        x = graph.ops.add(x, graph.linear(context, w["o"], f"{attn}.o_proj")).output(0)
+
+        h = graph.rms_norm(x, get(f"{prefix}.post_attention_layernorm.weight"), args.rms_norm_eps,
+                           f"{prefix}.post_attention_layernorm")
+        x = graph.ops.add(x, graph.swiglu(h, *mlp_weights(get, prefix, args), f"{prefix}.mlp")).output(0)
+        progress(Progress("build", f"layer {i + 1}/{args.num_hidden_layers}", i + 1, args.num_hidden_layers))
+
+    x = graph.rms_norm(x, get("model.norm.weight"), args.rms_norm_eps, "model.norm")
+    tied = args.tie_word_embeddings or not checkpoint.has("lm_head.weight")
+    logits = graph.linear(x, table if tied else get("lm_head.weight"), "lm_head")
+    return graph.model(inp, logits, sinks, checkpoint.config.get("model_type", "llama"),
+                       arrays=[w.array for w in fetched])
+
+
+def _getter(checkpoint, fetched: List[Weight]) -> Callable[[str], Weight]:
+    """checkpoint.get with a clear error, remembering each weight: the model's Constants share
+    their memory, so the model must hold them (see graph.constant)."""
+    def get(name: str) -> Weight:
+        if not checkpoint.has(name):
+            raise CheckpointError(f"{checkpoint.path} lacks tensor {name}; the checkpoint is incomplete or not "
+                                  f"a {checkpoint.config.get('model_type', '?')} model")
+        w = checkpoint.get(name)
+        fetched.append(w)
+        return w
+    return get
+
+
+def build(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:
+    return decoder(checkpoint, ModelArgs.from_config(checkpoint.config), progress=progress)

