@@ -122,10 +122,13 @@ class Reference:
         self.kv_heads = c.get("num_key_value_heads") or self.heads
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.eps = c["rms_norm_eps"]
-        if self.arch == "qwen2":
-            self.window = c.get("sliding_window") if c.get("use_sliding_window") else None
+        n = c["num_hidden_layers"]
+        if self.arch == "qwen2":  # windowed from layer max_window_layers on, when enabled
+            on = c.get("use_sliding_window") and c.get("sliding_window")
+            self.windows = [c["sliding_window"] if on and i >= c.get("max_window_layers", 0) else None
+                            for i in range(n)]
         else:
-            self.window = c.get("sliding_window")
+            self.windows = [c.get("sliding_window")] * n
         self.reset()
 
     def reset(self):
@@ -154,9 +157,7 @@ class Reference:
         total = self.past + n
         q_idx = positions[:, None]
         kv_idx = np.arange(total)[None, :]
-        visible = kv_idx <= q_idx
-        if self.window:
-            visible &= kv_idx > q_idx - self.window
+        causal = kv_idx <= q_idx
         x = w["model.embed_tokens.weight"][ids]
         hd, rep = self.head_dim, self.heads // self.kv_heads
         for i in range(c["num_hidden_layers"]):
@@ -178,6 +179,7 @@ class Reference:
             self.v[i] = v if self.v[i] is None else np.concatenate([self.v[i], v], axis=1)
             keys, values = np.repeat(self.k[i], rep, axis=0), np.repeat(self.v[i], rep, axis=0)
             scores = q @ keys.transpose(0, 2, 1) / math.sqrt(hd)
+            visible = causal & (kv_idx > q_idx - self.windows[i]) if self.windows[i] else causal
             scores = np.where(visible[None], scores, -np.inf)
             probs = np.exp(scores - scores.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
