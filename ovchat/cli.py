@@ -165,5 +165,133 @@ def chat(model, device, max_context, system, **gen):
     sys.exit(Repl(session, notice=notice).run())
 
 
+def recipe_options(f):
+    """The compression recipe, shared by `convert` and `pull`; defaults are the mission's int4 recipe."""
+    for decorator in reversed([
+        click.option("--weight-format", type=click.Choice(["int4", "int8", "fp16"]), default="int4",
+                     show_default=True, help="Weight precision: int4 (with int8 backup), int8, or fp16 "
+                                             "(no compression)."),
+        click.option("--sym/--asym", default=True, show_default=True,
+                     help="Symmetric or asymmetric quantization of the int4/int8 weights."),
+        click.option("--group-size", type=int, default=128, show_default=True,
+                     help="Weights per int4 quantization group."),
+        click.option("--ratio", type=float, default=0.6, show_default=True,
+                     help="Share of the weights in int4; the rest stay in the int8 backup."),
+        click.option("--group-size-fallback", type=click.Choice(["adjust", "ignore", "error"]),
+                     default="adjust", show_default=True,
+                     help="For layers the group size does not divide: adjust the group, leave the layer "
+                          "in int8, or fail."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def make_recipe(weight_format: str, sym: bool, group_size: int, ratio: float, group_size_fallback: str):
+    from ovchat.convert.compress import Recipe
+
+    return Recipe(weight_format=weight_format, sym=sym, group_size=group_size, ratio=ratio,
+                  group_size_fallback=group_size_fallback)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--name", default=None, help="Name in the store (default: the catalog name, or the source's "
+                                           "file or directory name).")
+@click.option("--force", is_flag=True, help="Convert again even if NAME is already in the store.")
+@recipe_options
+def pull(source, name, force, **recipe):
+    """Fetch SOURCE, convert it with the recipe and keep it in the store.
+
+    SOURCE is a known name (smollm2-135m, phi-3-mini-4k-instruct), a Hugging Face repo id, a
+    local Hugging Face directory, a .gguf file or an OpenVINO IR directory. The model is then run
+    by name: ovchat run -m NAME.
+    """
+    from ovchat import store
+    from ovchat.render import ProgressPrinter
+
+    entry = store.pull(source, name=name, recipe=make_recipe(**recipe), force=force, progress=ProgressPrinter())
+    click.echo(entry.name)
+
+
+@main.command(name="list")
+def list_models():
+    """List the models in the store."""
+    from ovchat import store
+    from ovchat.render import human_size
+
+    entries = store.list_entries()
+    if not entries:
+        notice(f"the store ({store.models_dir()}) is empty; `ovchat pull smollm2-135m` adds the demo model")
+        return
+    default = store.default_model()
+    rows = [("NAME", "ARCHITECTURE", "RECIPE", "SIZE", "SOURCE")] + [
+        (e.name + (" *" if e.name == default else ""), e.architecture, e.recipe, human_size(e.size), e.source)
+        for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+
+
+@main.command(name="rm")
+@click.argument("names", nargs=-1, required=True)
+def remove(names):
+    """Delete models from the store."""
+    from ovchat import store
+
+    for name in names:
+        path = store.remove(name)
+        click.echo(f"deleted {name} ({path})")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--unset", is_flag=True, help="Forget the configured default.")
+def default(name, unset):
+    """Show, or set, the default model (OVCHAT_MODEL overrides it).
+
+    With no configured default, ovchat uses phi-3-mini-4k-instruct if it is in the store, else
+    smollm2-135m (pulled on first use).
+    """
+    from ovchat import store
+
+    if unset:
+        store.set_default(None)
+    elif name:
+        store.set_default(name)
+    click.echo(store.default_model())
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def info(model, as_json):
+    """Describe MODEL (a store name, a model directory or a .gguf file).
+
+    Shows the manifest (source, recipe, bitwidth table, versions), the files, the context length,
+    whether a chat template is present, and whether the files still match their sha256.
+    """
+    from ovchat import store
+    from ovchat.render import format_info
+
+    described = store.describe(model)
+    click.echo(json.dumps(described, indent=2) if as_json else format_info(described))
+    if described.get("problems"):
+        sys.exit(1)
+
+
+@main.command()
+def doctor():
+    """Check the installation: versions, devices, the store and the compiled-model cache."""
+    from ovchat.doctor import run_checks
+
+    failed = False
+    for check in run_checks():
+        mark = {True: "ok  ", False: "FAIL", None: "    "}[check.ok]
+        click.echo(f"{mark} {check.name}: {check.detail}")
+        failed |= check.ok is False
+    if failed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

