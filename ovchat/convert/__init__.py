@@ -217,6 +217,7 @@ def _versions() -> Dict[str, Optional[str]]:
 def _write_manifest(work: Path, checkpoint, recipe: "Recipe", bitwidths: dict, hashes: "Future[Dict[str, str]]",
                     started: float) -> None:
     config = checkpoint.config or {}
+    outputs = sorted(f for f in work.iterdir() if f.is_file() and f.name != MANIFEST)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -233,6 +234,9 @@ def _write_manifest(work: Path, checkpoint, recipe: "Recipe", bitwidths: dict, h
         "recipe": dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else dict(vars(recipe)),
         "bitwidth_distribution": bitwidths,
         "versions": _versions(),
+        # The output's own files, so that damage to the converted model can be detected later.
+        "files": {f.name: {"size": f.stat().st_size, "sha256": digest}
+                  for f, digest in zip(outputs, _hash_files(outputs).values())},
     }
     manifest["conversion_seconds"] = round(time.time() - started, 2)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
