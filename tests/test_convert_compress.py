@@ -148,7 +148,7 @@ def test_group_size_fallback_error_is_an_option_error(tmp_path):
 
 @pytest.mark.parametrize("bad", [
     dict(weight_format="int3"), dict(weight_format="INT4"), dict(sym="yes"), dict(group_size=0),
-    dict(group_size=-2), dict(group_size=64.0), dict(ratio=0), dict(ratio=1.5), dict(ratio="0.6"),
+    dict(group_size=-2), dict(group_size=64.0), dict(ratio=-0.1), dict(ratio=1.5), dict(ratio="0.6"),
     dict(group_size_fallback="shrink"),
 ])
 def test_bad_recipe_values_raise_option_error(bad):

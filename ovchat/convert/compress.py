@@ -49,8 +49,8 @@ class Recipe:
                 not (self.group_size == -1 or self.group_size > 0):
             raise OptionError(f"group size {self.group_size!r} is invalid; use a positive integer such as 128, "
                               "or -1 for per-channel")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
-            raise OptionError(f"ratio {self.ratio!r} is invalid; use a number in (0, 1], e.g. 0.6")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
+            raise OptionError(f"ratio {self.ratio!r} is invalid; use a number in [0, 1], e.g. 0.6")
         if self.group_size_fallback not in GROUP_SIZE_FALLBACKS:
             raise OptionError(f"group size fallback {self.group_size_fallback!r} is unknown; use one of "
                               f"{', '.join(GROUP_SIZE_FALLBACKS)}")
