@@ -206,7 +206,7 @@ def test_gguf_truncated(tmp_path, cut):
     config = tiny_llama_config(vocab_size=64)
     path = llama_gguf_from_hf(tmp_path / "m.gguf", config, llama_tensors(config), "Q8_0")
     os.truncate(path, path.stat().st_size - 1000 if cut == "tensor data" else 200)
-    with pytest.raises(CheckpointError, match="truncated|not a readable GGUF"):
+    with pytest.raises(CheckpointError, match="truncated"):
         open_checkpoint(path)
 
 

@@ -156,12 +156,14 @@ def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: Prog
 
 def _refuse_compressed(xml: Path) -> None:
     """NNCF would compress already-quantized weights a second time; refuse such an IR instead."""
+    import math
+
     import openvino as ov
 
     low = {ov.Type.u4, ov.Type.i4, ov.Type.u8, ov.Type.i8, ov.Type.nf4}
     for op in ov.Core().read_model(xml).get_ordered_ops():
         if op.get_type_name() == "Constant" and op.get_output_element_type(0) in low \
-                and op.get_output_partial_shape(0).is_static and ov.shape_size(op.get_output_shape(0)) >= 4096:
+                and op.get_output_partial_shape(0).is_static and math.prod(op.get_output_shape(0)) >= 4096:
             raise CheckpointError(f"{xml.parent} already has compressed weights ({op.get_output_element_type(0)}); "
                                   "convert from the float checkpoint instead")
 

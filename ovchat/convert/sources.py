@@ -396,7 +396,7 @@ def _open_gguf(path: Path) -> GGUFCheckpoint:
     except (ValueError, IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
         # gguf raises ValueError for a bad magic and numpy errors (a short read cannot be
         # reshaped) for a file cut short inside the metadata or tensor table.
-        raise CheckpointError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); re-download it") from None
 
     def fields(k, default=None):
         f = reader.fields.get(k)
