@@ -213,6 +213,36 @@ def test_llm_pipeline_greedy_tokens_match_reference(case, checkpoints, tmp_path)
         assert got == want, f"{case} {backend}"
 
 
+def test_phi3_mini_window_past_2047_tokens(tmp_path):
+    """Phi-3-mini's own window (2047) and a sequence past it, where exported Phi-3 IRs are
+    reported to go wrong: logits of the stateful model and LLMPipeline's tokens (paged attention)."""
+    path = write_checkpoint(tmp_path / "phi3", "phi3", sliding_window=2047, max_position_embeddings=4096,
+                            original_max_position_embeddings=4096, hidden_size=32, num_attention_heads=2,
+                            num_key_value_heads=2, intermediate_size=64)
+    model = build_model(open_tiny(path))
+    request = _compile(model).create_infer_request()
+    ids = _tokens(2060, seed=3)
+    ref, unwindowed = Reference(path), Reference(path)
+    unwindowed.windows = [None] * len(unwindowed.windows)
+    unwindowed.forward(ids[:2050])
+    np.testing.assert_allclose(_step(request, ids[:2050], 0)[0][-5:], ref.forward(ids[:2050])[-5:],
+                               atol=2e-4, rtol=1e-4)
+    for pos in range(2050, 2060):
+        want = ref.forward(ids[pos:pos + 1])
+        np.testing.assert_allclose(_step(request, ids[pos:pos + 1], pos)[0], want,
+                                   atol=2e-4, rtol=1e-4, err_msg=f"decode at {pos}")
+        # The window matters here by far more than the tolerance.
+        assert np.abs(want - unwindowed.forward(ids[pos:pos + 1])).max() > 1e-2
+
+    out = save_for_genai(model, path, tmp_path / "ov")
+    prompt, n = ids[:2045], 8  # generation crosses the window
+    run = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, str(out), "default", json.dumps(prompt), str(n)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.split("TOKENS ", 1)[1].splitlines()[0])
+    assert got == Reference(path).greedy(prompt, n)
+
+
 def test_progress_reports_each_layer(checkpoints):
     seen = []
     build_model(open_tiny(checkpoints("llama")), progress=seen.append)
@@ -263,3 +293,14 @@ def test_missing_tensor_is_a_checkpoint_error(tmp_path):
     ckpt.has = lambda name: name != "model.layers.1.self_attn.k_proj.bias" and original_has(name)
     with pytest.raises(CheckpointError, match="k_proj.bias"):
         build_model(ckpt)
+
+
+def test_rope_config_styles_agree():
+    from ovchat.convert.graph import Rope
+
+    old = Rope.from_config({"rope_theta": 500000.0, "rope_scaling": LLAMA3}, 16)
+    new = Rope.from_config({"rope_parameters": {**LLAMA3, "rope_theta": 500000.0}}, 16)
+    nested = Rope.from_config({"rope_parameters": {"full_attention": {**LLAMA3, "rope_theta": 500000.0}}}, 16)
+    np.testing.assert_array_equal(old.inv_freq, new.inv_freq)
+    np.testing.assert_array_equal(old.inv_freq, nested.inv_freq)
+    assert not np.array_equal(old.inv_freq, Rope.from_config({"rope_theta": 500000.0}, 16).inv_freq)

@@ -167,7 +167,9 @@ class Rope:
         """Read RoPE settings from either config style: ``rope_theta`` + ``rope_scaling`` or the
         newer ``rope_parameters`` (which also carries ``rope_theta``)."""
         params = dict(config.get("rope_scaling") or {})
-        params.update(config.get("rope_parameters") or {})
+        nested = config.get("rope_parameters") or {}
+        # transformers 5 may nest the parameters per layer type; the decoders here have one RoPE.
+        params.update(nested.get("full_attention", nested) if isinstance(nested, dict) else {})
         theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
         kind = params.get("rope_type", params.get("type", "default"))
         if kind == "su":  # the name early Phi-3 128k configs used for LongRoPE
