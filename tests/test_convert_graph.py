@@ -41,6 +41,7 @@ CASES = {
     "llama-f16-rope_parameters-linear": dict(arch="llama", dtype="f16", rope_theta=None,
                                              rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                               "rope_theta": 500000.0}),
+    "llama-biases-head_dim": dict(arch="llama", attention_bias=True, mlp_bias=True, head_dim=32),
     "mistral-window": dict(arch="mistral", sliding_window=WINDOW),
     "qwen2-bias-tied": dict(arch="qwen2"),
     "qwen2-bf16-window-upper-layers": dict(arch="qwen2", dtype="bf16", use_sliding_window=True,

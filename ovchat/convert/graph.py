@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import openvino as ov
@@ -139,10 +139,11 @@ def rms_norm(x: ov.Output, gamma: Weight, eps: float, name: str) -> ov.Output:
     return ops.multiply(ops.multiply(x, inv), weight(gamma, f"{name}.weight"), name=name).output(0)
 
 
-def swiglu(x: ov.Output, gate: Weight, up: Weight, down: Weight, name: str) -> ov.Output:
-    g = linear(x, gate, f"{name}.gate_proj")
-    u = linear(x, up, f"{name}.up_proj")
-    return linear(ops.multiply(ops.swish(g), u).output(0), down, f"{name}.down_proj")
+def swiglu(x: ov.Output, w: Mapping[str, Weight], name: str) -> ov.Output:
+    """down(silu(gate(x)) * up(x)); ``w`` maps gate/up/down (and optional ``<p>_bias``) to weights."""
+    g = linear(x, w["gate"], f"{name}.gate_proj", w.get("gate_bias"))
+    u = linear(x, w["up"], f"{name}.up_proj", w.get("up_bias"))
+    return linear(ops.multiply(ops.swish(g), u).output(0), w["down"], f"{name}.down_proj", w.get("down_bias"))
 
 
 # --- rotary position embedding ------------------------------------------------------------------

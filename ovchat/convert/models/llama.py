@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import openvino as ov
 
@@ -32,6 +32,8 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     sliding_window: Optional[int] = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
@@ -56,17 +58,24 @@ class ModelArgs:
         return self.sliding_window
 
 
-# Per-layer weights, as (name prefix in the graph, weights). Variants override these two.
-AttentionWeights = Dict[str, Weight]  # q, k, v, o and optionally q_bias, k_bias, v_bias
-MlpWeights = Tuple[Weight, Weight, Weight]  # gate, up, down
+# One layer's weights by projection: "q", "k", "v", "o" (attention) or "gate", "up", "down" (MLP),
+# plus "<projection>_bias" where the model has biases. Variants override these two functions.
+LayerWeights = Dict[str, Weight]
 
 
-def attention_weights(get: Callable[[str], Weight], prefix: str, args: ModelArgs) -> AttentionWeights:
-    return {p: get(f"{prefix}.self_attn.{p}_proj.weight") for p in ("q", "k", "v", "o")}
+def attention_weights(get: Callable[[str], Weight], prefix: str, args: ModelArgs) -> LayerWeights:
+    return _projections(get, f"{prefix}.self_attn", ("q", "k", "v", "o"), args.attention_bias)
 
 
-def mlp_weights(get: Callable[[str], Weight], prefix: str, args: ModelArgs) -> MlpWeights:
-    return tuple(get(f"{prefix}.mlp.{p}_proj.weight") for p in ("gate", "up", "down"))  # type: ignore[return-value]
+def mlp_weights(get: Callable[[str], Weight], prefix: str, args: ModelArgs) -> LayerWeights:
+    return _projections(get, f"{prefix}.mlp", ("gate", "up", "down"), args.mlp_bias)
+
+
+def _projections(get, prefix: str, names, bias: bool) -> LayerWeights:
+    w = {p: get(f"{prefix}.{p}_proj.weight") for p in names}
+    if bias:
+        w.update({f"{p}_bias": get(f"{prefix}.{p}_proj.bias") for p in names})
+    return w
 
 
 def decoder(checkpoint, args: ModelArgs, *, progress: ProgressCallback = ignore,
@@ -97,11 +106,11 @@ def decoder(checkpoint, args: ModelArgs, *, progress: ProgressCallback = ignore,
         context, layer_sinks = graph.attention(q, k, v, inp=inp, shape=shape, cos=cos, sin=sin,
                                                mask=masks[window], layer=i, name=attn)
         sinks += layer_sinks
-        x = graph.ops.add(x, graph.linear(context, w["o"], f"{attn}.o_proj")).output(0)
+        x = graph.ops.add(x, graph.linear(context, w["o"], f"{attn}.o_proj", w.get("o_bias"))).output(0)
 
         h = graph.rms_norm(x, get(f"{prefix}.post_attention_layernorm.weight"), args.rms_norm_eps,
                            f"{prefix}.post_attention_layernorm")
-        x = graph.ops.add(x, graph.swiglu(h, *mlp_weights(get, prefix, args), f"{prefix}.mlp")).output(0)
+        x = graph.ops.add(x, graph.swiglu(h, mlp_weights(get, prefix, args), f"{prefix}.mlp")).output(0)
         progress(Progress("build", f"layer {i + 1}/{args.num_hidden_layers}", i + 1, args.num_hidden_layers))
 
     x = graph.rms_norm(x, get("model.norm.weight"), args.rms_norm_eps, "model.norm")

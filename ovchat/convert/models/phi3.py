@@ -28,7 +28,7 @@ def _rows(w: Weight, start: int, stop: int) -> Weight:
     return Weight(w.array[start:stop], w.dtype)
 
 
-def attention_weights(get, prefix: str, args: ModelArgs) -> llama.AttentionWeights:
+def attention_weights(get, prefix: str, args: ModelArgs) -> llama.LayerWeights:
     qkv = get(f"{prefix}.self_attn.qkv_proj.weight")
     q_rows = args.num_attention_heads * args.head_size
     kv_rows = args.kv_heads * args.head_size
@@ -38,10 +38,11 @@ def attention_weights(get, prefix: str, args: ModelArgs) -> llama.AttentionWeigh
             "o": get(f"{prefix}.self_attn.o_proj.weight")}
 
 
-def mlp_weights(get, prefix: str, args: ModelArgs) -> llama.MlpWeights:
+def mlp_weights(get, prefix: str, args: ModelArgs) -> llama.LayerWeights:
     gate_up = get(f"{prefix}.mlp.gate_up_proj.weight")
     n = args.intermediate_size
-    return _rows(gate_up, 0, n), _rows(gate_up, n, 2 * n), get(f"{prefix}.mlp.down_proj.weight")
+    return {"gate": _rows(gate_up, 0, n), "up": _rows(gate_up, n, 2 * n),
+            "down": get(f"{prefix}.mlp.down_proj.weight")}
 
 
 def build(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:

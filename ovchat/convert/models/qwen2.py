@@ -27,7 +27,7 @@ class ModelArgs(llama.ModelArgs):
         return self.sliding_window if sliding else None
 
 
-def attention_weights(get, prefix: str, args: ModelArgs) -> llama.AttentionWeights:
+def attention_weights(get, prefix: str, args: ModelArgs) -> llama.LayerWeights:
     w = llama.attention_weights(get, prefix, args)
     for p in ("q", "k", "v"):
         w[f"{p}_bias"] = get(f"{prefix}.self_attn.{p}_proj.bias")
