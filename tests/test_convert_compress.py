@@ -169,3 +169,26 @@ def test_distribution_of_a_float_model_and_format(tmp_path):
     assert dist == {"float": {"layers": 2 * 7 + 1, "ratio_defining_layers": 0, "parameters_percent": 100.0,
                               "ratio_defining_parameters_percent": 0.0}}
     assert "float" in format_distribution(dist)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="page dropping is Linux-only")
+def test_dropping_mapped_pages_keeps_values_and_spares_anonymous_memory(tmp_path):
+    from ovchat.convert.compress import _MappedWeights
+
+    model = _model(tmp_path, hidden_size=512, intermediate_size=1024)  # weights of >= 1 MiB
+    ov.save_model(model, tmp_path / "float.xml", compress_to_fp16=False)
+    read_back = ov.Core().read_model(tmp_path / "float.xml")
+    before = _logits(read_back)
+    mapped = _MappedWeights(read_back)
+    assert mapped._ranges  # the IR's .bin is a read-only file mapping
+    mapped.release()
+    np.testing.assert_array_equal(_logits(read_back), before)
+
+    # A model built from the memory-mapped checkpoint is file-backed too; one whose weights live
+    # in ordinary (anonymous) memory has nothing to drop.
+    assert _MappedWeights(_model(tmp_path, "built", hidden_size=512, intermediate_size=1024))._ranges
+    import openvino.opset13 as ops
+    x = ops.parameter([1, 512], np.float32)
+    weight = ops.constant(np.random.default_rng(0).standard_normal((1024, 512), dtype=np.float32))
+    anonymous = ov.Model([ops.result(ops.matmul(x, weight, False, True))], [x])
+    assert not _MappedWeights(anonymous)._ranges

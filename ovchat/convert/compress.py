@@ -77,8 +77,9 @@ def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ig
     ``fp16`` nothing is quantized: bf16 weights become f16 here, f32 weights when the model is
     saved with ``compress_to_fp16=True`` (``openvino.save_model``'s default).
     """
+    mapped = _MappedWeights(model)
     if recipe.weight_format == "fp16":
-        _bf16_to_f16(model)
+        _bf16_to_f16(model, after_each=mapped.release)
         return model, bitwidth_distribution(model, float_as="fp16")
 
     import nncf
@@ -93,7 +94,6 @@ def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ig
     else:
         mode = nncf.CompressWeightsMode.INT8_SYM if recipe.sym else nncf.CompressWeightsMode.INT8_ASYM
     progress(Progress("compress", f"compressing weights: {recipe.describe()}"))
-    mapped = _MappedWeights(model)
     with _nncf_quiet(progress, after_step=mapped.release):
         try:
             model = nncf.compress_weights(model, mode=mode, **kwargs)
@@ -217,7 +217,7 @@ def _logits_producer(model: ov.Model) -> str:
 
 # --- fp16 -----------------------------------------------------------------------------------------
 
-def _bf16_to_f16(model: ov.Model) -> None:
+def _bf16_to_f16(model: ov.Model, after_each: Callable[[], None]) -> None:
     """Replace bf16 weight Constants by f16 ones (values beyond f16's range are clipped)."""
     import openvino.opset13 as ops
 
@@ -232,6 +232,7 @@ def _bf16_to_f16(model: ov.Model) -> None:
         f16.set_friendly_name(op.get_friendly_name())
         f16.output(0).set_names(op.output(0).get_names())
         op.output(0).replace(f16.output(0))
+        after_each()
     model.validate_nodes_and_infer_types()
 
 
@@ -254,6 +255,9 @@ class _MappedWeights:
 
     def __init__(self, model: ov.Model):
         self._ranges: List[Tuple[int, int]] = []
+        # Each array's base is its Constant, which holds the mapping: while they are held here no
+        # range can be unmapped and reused for other memory, which DONTNEED would wipe.
+        self._held: List[np.ndarray] = []
         self._madvise = None
         try:
             maps = _read_only_file_mappings()
@@ -275,6 +279,7 @@ class _MappedWeights:
             start, end = -(-start // page) * page, end // page * page  # whole pages inside the weight
             if end > start:
                 self._ranges.append((start, end - start))
+                self._held.append(data)
 
     def release(self) -> None:
         for start, length in self._ranges:
