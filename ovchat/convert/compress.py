@@ -96,12 +96,16 @@ def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ig
     progress(Progress("compress", f"compressing weights: {recipe.describe()}"))
     with _nncf_quiet(progress, after_step=mapped.release):
         try:
-            model = nncf.compress_weights(model, mode=mode, **kwargs)
+            compressed = nncf.compress_weights(model, mode=mode, **kwargs)
         except nncf.InvalidGroupSizeError:
             raise OptionError(
                 f"group size {recipe.group_size} does not divide the input size of some layers; pass "
                 "--group-size-fallback adjust (or ignore), or a smaller --group-size") from None
     mapped.release()
+    if compressed is not model and hasattr(model, "_ovchat_shared_arrays"):
+        # A built model holds the arrays its Constants share (graph.model); so must its successor.
+        compressed._ovchat_shared_arrays = model._ovchat_shared_arrays
+    model = compressed
     distribution = bitwidth_distribution(model)
     _report_fallback(distribution, recipe, progress)
     for line in format_distribution(distribution).splitlines():
