@@ -36,7 +36,9 @@ def module_name(config: dict) -> str:
 def build_model(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:
     """The float, stateful OpenVINO model of ``checkpoint`` (see ovchat.convert.graph).
 
-    Its Constants share the checkpoint's memory: keep the checkpoint open until the model is saved.
+    Its Constants share the checkpoint's (memory-mapped) arrays without owning them; the returned
+    Python object holds them. Keep it alive while the model, or anything compiled from it, is
+    used (saving it and reading the IR back, as ``convert`` does, ends that dependence).
     """
     module = import_module(f"{__name__}.{module_name(checkpoint.config)}")
     return module.build(checkpoint, progress=progress)
