@@ -22,10 +22,18 @@ class OvchatGroup(click.Group):
     """A click group that turns ovchat's expected errors into a one-line message and exit 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from ovchat.interrupts import Terminated
+
         try:
             return super().invoke(ctx)
         except OvchatError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt as e:
+            # The library has cleaned up by now (partial models are removed); say so in one line.
+            terminated = isinstance(e, Terminated)
+            click.echo(f"Error: {'terminated' if terminated else 'interrupted'}; nothing was left half-written",
+                       err=True)
+            sys.exit(143 if terminated else 130)
 
 
 @click.group(cls=OvchatGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,6 +199,31 @@ def make_recipe(weight_format: str, sym: bool, group_size: int, ratio: float, gr
 
     return Recipe(weight_format=weight_format, sym=sym, group_size=group_size, ratio=ratio,
                   group_size_fallback=group_size_fallback)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("output")
+@recipe_options
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new model is complete).")
+def convert(source, output, force, **recipe):
+    """Convert SOURCE into the OpenVINO model directory OUTPUT, without PyTorch.
+
+    SOURCE is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a
+    .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), or an OpenVINO IR directory
+    with float weights (compressed only). Architectures: llama, mistral, qwen2, phi3. The default
+    recipe is int4 symmetric, group size 128, ratio 0.6, with int8 for embeddings, the output
+    layer and the remaining weights. OUTPUT appears only once it is complete.
+    """
+    from ovchat.convert import convert as convert_model, read_manifest
+    from ovchat.render import ProgressPrinter, format_bitwidths
+
+    made = make_recipe(**recipe)
+    notice(f"recipe: {made.describe()}")
+    out = convert_model(source, output, recipe=made, force=force, progress=ProgressPrinter())
+    click.echo("bitwidth distribution:", err=True)
+    click.echo(format_bitwidths(read_manifest(out).get("bitwidth_distribution") or {}), err=True)
+    click.echo(str(out))
 
 
 @main.command()

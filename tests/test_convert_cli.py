@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ovchat.cli import main
+
 from convert_helpers import (copy_demo, demo_gguf, llama_gguf_from_hf, llama_tensors,  # noqa: F401
                              tiny_llama_config, write_hf_checkpoint)
 
@@ -134,11 +136,9 @@ def test_interrupt_mid_conversion_leaves_nothing(sig, tmp_path, demo_gguf):
 
 
 def test_tiny_conversion_force_info_and_ov_source(tmp_path, tiny_hf):
-    from ovchat.cli_convert import convert_cmd, info_cmd
-
     out = tmp_path / "out"
     runner = CliRunner()
-    r = runner.invoke(convert_cmd, [str(tiny_hf), str(out), "--weight-format", "fp16"])
+    r = runner.invoke(main, ["convert", str(tiny_hf), str(out), "--weight-format", "fp16"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "ovchat.json").read_text())
     assert manifest["architecture"] == "LlamaForCausalLM" and manifest["source"]["kind"] == "hf"
@@ -150,23 +150,23 @@ def test_tiny_conversion_force_info_and_ov_source(tmp_path, tiny_hf):
     assert manifest["context_length"] == 256
     assert set(manifest["files"]) >= {"openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml"}
 
-    r = runner.invoke(info_cmd, [str(out)])
+    r = runner.invoke(main, ["info", str(out)])
     assert r.exit_code == 0 and "LlamaForCausalLM" in r.output and "weight_format=fp16" in r.output
 
     # --force replaces it, with another recipe.
-    r = runner.invoke(convert_cmd, [str(tiny_hf), str(out), "--weight-format", "int8", "--force"])
+    r = runner.invoke(main, ["convert", str(tiny_hf), str(out), "--weight-format", "int8", "--force"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "ovchat.json").read_text())["recipe"]["weight_format"] == "int8"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
     # An int8 IR is not a float source.
-    r = runner.invoke(convert_cmd, [str(out), str(tmp_path / "again")])
+    r = runner.invoke(main, ["convert", str(out), str(tmp_path / "again")])
     assert r.exit_code != 0 and "already has compressed weights" in r.output
 
     # A float IR source is compressed, and its tokenizer copied.
     fp16 = tmp_path / "fp16"
-    assert runner.invoke(convert_cmd, [str(tiny_hf), str(fp16), "--weight-format", "fp16"]).exit_code == 0
-    r = runner.invoke(convert_cmd, [str(fp16), str(tmp_path / "from-ir"), "--weight-format", "int8"])
+    assert runner.invoke(main, ["convert", str(tiny_hf), str(fp16), "--weight-format", "fp16"]).exit_code == 0
+    r = runner.invoke(main, ["convert", str(fp16), str(tmp_path / "from-ir"), "--weight-format", "int8"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "from-ir" / "ovchat.json").read_text())
     assert m["source"]["kind"] == "ov" and "int8_sym" in " ".join(m["bitwidth_distribution"])
@@ -174,10 +174,8 @@ def test_tiny_conversion_force_info_and_ov_source(tmp_path, tiny_hf):
 
 
 def test_info_on_a_directory_without_manifest(tmp_path):
-    from ovchat.cli_convert import info_cmd
-
-    r = CliRunner().invoke(info_cmd, [str(tmp_path)])
-    assert r.exit_code != 0 and "no ovchat.json" in r.output
+    r = CliRunner().invoke(main, ["info", str(tmp_path)])
+    assert r.exit_code != 0 and "is incomplete" in r.output
 
 
 def test_no_torch_and_nncf_used_in_a_real_conversion(tmp_path, tiny_hf):

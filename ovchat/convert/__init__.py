@@ -16,17 +16,15 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ovchat.errors import CheckpointError, ConversionError, OutputExistsError
+from ovchat.interrupts import sigterm_as_interrupt
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 __all__ = ["convert", "Recipe", "MANIFEST", "read_manifest"]
@@ -86,7 +84,7 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovchat-hash")
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             # Hashing the source is I/O bound and releases the GIL: it overlaps the build.
             hashes = hasher.submit(_hash_files, checkpoint.files)
             bitwidths = _build_and_compress(checkpoint, work, recipe, progress)
@@ -263,23 +261,3 @@ def _install(work: Path, output: Path, progress: ProgressCallback) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as an interrupt so that cleanup runs exactly as for Ctrl-C."""
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum, frame):
-        raise _Terminated("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
