@@ -117,6 +117,15 @@ class OvchatProcess:
         raise AssertionError(f"timed out waiting for {needle!r}.\nstdout: {self.stdout_text[-2000:]}\n"
                              f"stderr: {self.stderr_text[-2000:]}")
 
+    def wait_for_chars(self, n: int, *, timeout: float = 120) -> None:
+        """Wait until stdout has at least ``n`` characters."""
+        deadline = time.monotonic() + timeout
+        while len(self.stdout_text) < n:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no reply streamed.\nstdout: {self.stdout_text}\nstderr: {self.stderr_text}")
+            time.sleep(0.01)
+            self._drain()
+
     def interrupt(self) -> None:
         self.proc.send_signal(signal.SIGINT)
 

@@ -43,7 +43,7 @@ def test_per_turn_overrides_do_not_stick(session):
 
 
 def test_closing_the_stream_stops_the_reply_and_keeps_the_partial_text(session):
-    stream = session.stream("Count from 1 to 500, one number per line.")
+    stream = session.stream("Write a very long story about a dragon, at least 2000 words.")
     got = [next(stream) for _ in range(4)]
     stream.close()
     m = session.last_metrics
@@ -52,7 +52,7 @@ def test_closing_the_stream_stops_the_reply_and_keeps_the_partial_text(session):
 
 
 def test_cancel_from_another_thread(session):
-    stream = session.stream("Count from 1 to 500, one number per line.")
+    stream = session.stream("Write a very long story about a dragon, at least 2000 words.")
     next(stream)
     threading.Timer(0.2, session.cancel).start()
     rest = list(stream)

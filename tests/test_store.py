@@ -38,7 +38,7 @@ def test_catalog_pull_list_info_run_and_rm(demo_model, tmp_path):
     out = ok("list")
     row = next(l for l in out.splitlines() if l.startswith("smollm2-135m"))
     assert "LlamaForCausalLM" in row and "int4_sym g128 r0.6" in row and "MB" in row
-    info = ok("info", "smollm2-135m")
+    info = " ".join(ok("info", "smollm2-135m").split())
     assert "int4" in info and "chat template: yes" in info and "context length: 8192" in info
     assert "Paris" in ok("run", "-m", "smollm2-135m", "What is the capital of France?", "--max-new-tokens", "24")
     # pulling again is a no-op that says so
