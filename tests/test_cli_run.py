@@ -50,27 +50,41 @@ def test_run_imports_neither_torch_nor_transformers_nor_nncf(demo_model):
     assert "HEAVY []" in done.stdout
 
 
-def test_base_install_pulls_no_torch_transformers_or_nncf():
-    """Walk the installed dependency closure of ovchat's base requirements."""
+def _installed_closure(requirement_lines):
+    """Names of the installed distributions that these requirement lines pull in, transitively."""
     from importlib.metadata import PackageNotFoundError, requires
     import re
 
-    seen, todo = set(), ["ovchat"]
+    seen, todo = set(), list(requirement_lines)
     while todo:
-        name = todo.pop()
-        try:
-            reqs = requires(name) or []
-        except PackageNotFoundError:
+        line = todo.pop()
+        dep = re.split(r"[ ;<>=!~\[(]", line, maxsplit=1)[0].lower().replace("_", "-")
+        if dep in seen:
             continue
-        for r in reqs:
-            if "extra ==" in r:
-                continue  # optional extras are not part of a base install
-            dep = re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0].lower().replace("_", "-")
-            if dep not in seen:
-                seen.add(dep)
-                todo.append(dep)
-    assert {"openvino-genai", "openvino", "openvino-tokenizers", "click"} <= seen
-    assert not seen & {"torch", "transformers", "nncf", "optimum", "optimum-intel"}
+        seen.add(dep)
+        try:
+            todo += [r for r in requires(dep) or [] if "extra ==" not in r]  # their extras are not pulled
+        except PackageNotFoundError:
+            pass
+    return seen
+
+
+def test_base_install_pulls_no_torch_transformers_or_nncf():
+    """Walk the installed dependency closure of ovchat's base requirements."""
+    from importlib.metadata import requires
+
+    base = _installed_closure(r for r in requires("ovchat") if "extra ==" not in r)
+    assert {"openvino-genai", "openvino", "openvino-tokenizers", "click"} <= base
+    assert not base & {"torch", "transformers", "nncf", "optimum", "optimum-intel"}
+
+
+def test_the_convert_extra_pulls_no_torch():
+    from importlib.metadata import requires
+
+    convert = _installed_closure(r.split(";")[0] for r in requires("ovchat")
+                                 if "extra ==" not in r or 'extra == "convert"' in r)
+    assert {"nncf", "transformers", "gguf", "tokenizers"} <= convert
+    assert not convert & {"torch", "optimum", "optimum-intel"}
 
 
 def test_help_is_instant_and_lists_every_command():
