@@ -179,24 +179,27 @@ def recipe_options(f):
         click.option("--weight-format", type=click.Choice(["int4", "int8", "fp16"]), default="int4",
                      show_default=True, help="Weight precision: int4 (with int8 backup), int8, or fp16 "
                                              "(no compression)."),
-        click.option("--sym/--asym", default=True, show_default=True,
-                     help="Symmetric or asymmetric quantization of the int4/int8 weights."),
+        click.option("--sym/--asym", default=None,
+                     help="Symmetric or asymmetric quantization.  [default: --sym for int4, as the "
+                          "mission's recipe; --asym for int8, as optimum-cli and NNCF]"),
         click.option("--group-size", type=int, default=128, show_default=True,
-                     help="Weights per int4 quantization group."),
+                     help="Weights per int4 quantization group (-1: one group per row)."),
         click.option("--ratio", type=float, default=0.6, show_default=True,
                      help="Share of the weights in int4; the rest stay in the int8 backup."),
         click.option("--group-size-fallback", type=click.Choice(["adjust", "ignore", "error"]),
                      default="adjust", show_default=True,
-                     help="For layers the group size does not divide: adjust the group, leave the layer "
-                          "in int8, or fail."),
+                     help="For int4 layers the group size does not divide: use a smaller group, leave "
+                          "them uncompressed, or fail."),
     ]):
         f = decorator(f)
     return f
 
 
-def make_recipe(weight_format: str, sym: bool, group_size: int, ratio: float, group_size_fallback: str):
+def make_recipe(weight_format: str, sym: Optional[bool], group_size: int, ratio: float, group_size_fallback: str):
     from ovchat.convert.compress import Recipe
 
+    if sym is None:
+        sym = weight_format != "int8"
     return Recipe(weight_format=weight_format, sym=sym, group_size=group_size, ratio=ratio,
                   group_size_fallback=group_size_fallback)
 

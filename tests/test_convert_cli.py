@@ -169,7 +169,7 @@ def test_tiny_conversion_force_info_and_ov_source(tmp_path, tiny_hf):
     r = runner.invoke(main, ["convert", str(fp16), str(tmp_path / "from-ir"), "--weight-format", "int8"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "from-ir" / "ovchat.json").read_text())
-    assert m["source"]["kind"] == "ov" and "int8_sym" in " ".join(m["bitwidth_distribution"])
+    assert m["source"]["kind"] == "ov" and "int8_asym" in " ".join(m["bitwidth_distribution"])
     assert (tmp_path / "from-ir" / "openvino_tokenizer.xml").is_file()
 
 
