@@ -111,7 +111,7 @@ def decoder(checkpoint, args: ModelArgs, *, progress: ProgressCallback = ignore,
         h = graph.rms_norm(x, get(f"{prefix}.post_attention_layernorm.weight"), args.rms_norm_eps,
                            f"{prefix}.post_attention_layernorm")
         x = graph.ops.add(x, graph.swiglu(h, mlp_weights(get, prefix, args), f"{prefix}.mlp")).output(0)
-        progress(Progress("build", f"layer {i + 1}/{args.num_hidden_layers}", i + 1, args.num_hidden_layers))
+        progress(Progress("build", "building the decoder layers", i + 1, args.num_hidden_layers))
 
     x = graph.rms_norm(x, get("model.norm.weight"), args.rms_norm_eps, "model.norm")
     tied = args.tie_word_embeddings or not checkpoint.has("lm_head.weight")
