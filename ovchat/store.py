@@ -350,7 +350,7 @@ def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
 
 def _hub_download(repo: str, progress: ProgressCallback) -> tuple:
     """Download a Hugging Face checkpoint (weights, configs, tokenizer) and return (path, commit sha)."""
-    hint = (f"or download it on a connected machine (huggingface-cli download {repo} --local-dir DIR), "
+    hint = (f"or download it on a connected machine (hf download {repo} --local-dir DIR), "
             f"copy DIR here and run `ovchat pull DIR --name NAME`")
     try:
         import huggingface_hub

@@ -108,9 +108,13 @@ def test_a_damaged_entry_is_reported_by_info_and_refused_by_run(demo_model, tmp_
     assert run_ovchat("doctor").returncode == 0
 
 
-def test_the_hub_path_fails_cleanly_offline(tmp_path):
+@pytest.mark.parametrize("env", [
+    {"HF_HUB_OFFLINE": "1"},  # the hub client told it is offline
+    {"HF_ENDPOINT": "http://127.0.0.1:9"},  # a refused connection, as on a box with no network
+])
+def test_the_hub_path_fails_cleanly_offline(env):
     env_backup = dict(os.environ)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network
+    os.environ.update(env)  # no test reaches the network
     try:
         done = run_ovchat("pull", "phi-3-mini-4k-instruct")
         done_repo = run_ovchat("pull", "some-org/some-model")
