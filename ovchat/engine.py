@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -150,10 +151,14 @@ class ChatSession:
         """Write the conversation and options as JSON."""
         data = {"format": CONVERSATION_FORMAT, "version": 1, "model": str(self.model_path),
                 "options": self.options.as_dict(), "messages": self._messages}
+        path = Path(path).expanduser()
+        partial = path.with_name(f".{path.name}.partial")
         try:
-            Path(path).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+            # Written beside and renamed, so an existing file is never left half-overwritten.
+            partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(partial, path)
         except OSError as e:
+            partial.unlink(missing_ok=True)
             raise InputError(f"could not write {path}: {e.strerror}") from None
 
     def load(self, path: str | Path) -> None:

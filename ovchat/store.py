@@ -285,9 +285,14 @@ def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = 
     name = valid_name(name or _default_name(source))
     with sigterm_as_interrupt(), _lock(name):
         existing = get_entry(name)
-        if existing is not None and not force and not damage(existing.path):
-            progress(Progress("pull", f"{name} is already in the store ({existing.path})"))
-            return existing
+        if existing is not None and not force:
+            held = existing.manifest.get("store", {}).get("source")
+            if held != _source_key(source):
+                raise OvchatError(f"{name} in the store holds {held}; choose another --name, or pass --force "
+                                  "to replace it")
+            if not damage(existing.path):
+                progress(Progress("pull", f"{name} is already in the store ({existing.path})"))
+                return existing
         _remove_partials(name)
         local, origin = _fetch_source(source, progress)
         models_dir().mkdir(parents=True, exist_ok=True)
@@ -329,6 +334,12 @@ def _default_name(source: str) -> str:
     return cleaned or "model"
 
 
+def _source_key(source: str) -> str:
+    """How a source is recorded in the manifest: a known name or repo id as given, a path absolute."""
+    local = Path(source).expanduser()
+    return str(local.absolute()) if source not in CATALOG and local.exists() else source
+
+
 def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
     """A local checkpoint path for ``source`` and a description of where it came from."""
     entry = CATALOG.get(source)
@@ -338,7 +349,7 @@ def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
     repo = entry.hub_repo if entry is not None else None
     local = Path(source).expanduser()
     if repo is None and local.exists():
-        return local.absolute(), {"source": str(local.absolute())}
+        return local.absolute(), {"source": _source_key(source)}
     if repo is None and re.match(r"^[\w.-]+/[\w.-]+$", source) and not source.startswith((".", "/")):
         repo = source
     if repo is None:

@@ -41,9 +41,11 @@ def test_catalog_pull_list_info_run_and_rm(demo_model, tmp_path):
     info = " ".join(ok("info", "smollm2-135m").split())
     assert "int4" in info and "chat template: yes" in info and "context length: 8192" in info
     assert "Paris" in ok("run", "-m", "smollm2-135m", "What is the capital of France?", "--max-new-tokens", "24")
-    # pulling again is a no-op that says so
+    # pulling again is a no-op that says so; another source under the same name is refused
     again = run_ovchat("pull", "smollm2-135m")
     assert again.returncode == 0 and b"already in the store" in again.stderr
+    other = run_ovchat("pull", str(tmp_path), "--name", "smollm2-135m")
+    assert other.returncode == 1 and b"smollm2-135m in the store holds smollm2-135m; choose another --name" in other.stderr
 
 
 def test_pull_a_local_gguf_and_a_local_hf_directory_then_rm(demo_model, tiny_hf, tmp_path):
