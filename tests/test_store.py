@@ -144,3 +144,23 @@ def test_doctor_reports_versions_devices_and_the_store(demo_model):
     out = ok("doctor")
     assert "openvino-genai 2026.4" in out and "(one release)" in out
     assert "devices: CPU" in out and str(demo_model.parent.parent) in out
+
+
+def test_a_runtime_only_install_runs_the_demo_gguf_directly(demo_model, tmp_path, monkeypatch):
+    """Without the convert extra (simulated: the test environment has it installed), the default
+    model is the demo GGUF read by GenAI itself, and the user is told how to get the int4 model."""
+    import shutil
+
+    from ovchat import store
+    from ovchat.engine import ChatSession
+
+    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    monkeypatch.setenv("OVCHAT_HOME", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    shutil.copyfile(gguf, tmp_path / "downloads" / gguf.name)  # as if fetched before
+    monkeypatch.setattr(store, "_can_convert", lambda: False)
+    said = []
+    session = ChatSession(progress=lambda p: said.append(p.message))
+    assert session.model_path == tmp_path / "downloads" / gguf.name
+    assert any("pip install 'ovchat[convert]'" in m for m in said)
+    assert "Paris" in session.send("What is the capital of France?", max_new_tokens=24)
