@@ -265,6 +265,36 @@ def test_demo_gguf_every_tensor_reads_and_config_translates(demo_gguf):
     assert ckpt.get("model.layers.0.self_attn.k_proj.weight").shape == (192, 576)
 
 
+def _resident_kib(array: np.ndarray) -> int:
+    """The resident size of the mapping that holds ``array`` (/proc/self/smaps)."""
+    addr, inside = array.ctypes.data, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):  # a mapping's first line: "lo-hi perms ..."
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="page dropping is Linux-only")
+def test_gguf_drop_weight_pages_frees_what_dequantizing_read_and_keeps_it_readable(demo_gguf):
+    # convert() relies on this to keep a GGUF's pages out of the resident set while compressing.
+    ckpt = open_checkpoint(demo_gguf)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expect = ckpt.get(name).array.copy()
+    for n in ckpt.names():
+        ckpt.get(n)
+    size_kib = demo_gguf.stat().st_size // 1024
+    assert _resident_kib(ckpt.reader.data) > 0.9 * size_kib
+    ckpt.drop_weight_pages()
+    assert _resident_kib(ckpt.reader.data) < 0.05 * size_kib
+    assert len(ckpt.field("tokenizer.ggml.tokens")) == 49152
+    np.testing.assert_array_equal(ckpt.get(name).array, expect)
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenVINO IR directories
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -244,10 +245,31 @@ class GGUFCheckpoint(Checkpoint):
     def has(self, name: str) -> bool:
         return name in self._tensors
 
+    def element_count(self, name: str) -> int:
+        """How many values tensor ``name`` holds, without reading it."""
+        try:
+            return int(self._tensors[name].n_elements)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name} is missing from the GGUF file; "
+                                  "use a complete GGUF") from None
+
     def field(self, key: str, default=None):
         """A GGUF metadata value (strings decoded, arrays as lists), or ``default``."""
         f = self.reader.fields.get(key)
         return default if f is None else f.contents()
+
+    def drop_weight_pages(self) -> None:
+        """Take the pages of the file read so far out of this process's resident set.
+
+        The reader maps the whole file, and every page read while dequantizing stays resident
+        (counted in RSS, up to the file's size) until the mapping is unmapped, which the
+        metadata's views into it prevent. The mapping is read-only and file-backed, so
+        MADV_DONTNEED loses nothing: a later read (the tokenizer's metadata) faults the page in
+        again from the page cache. Linux only; elsewhere a no-op.
+        """
+        mapping = self.reader.data.base  # np.memmap's buffer: the mmap.mmap of the whole file
+        if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def get(self, name: str) -> Weight:
         import gguf
