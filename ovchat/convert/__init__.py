@@ -1,10 +1,11 @@
 """Checkpoint -> OpenVINO model conversion (torch-free). See the README's Architecture section.
 
 ``convert()`` runs the stages in order: open the checkpoint (``sources``), build the float graph
-(``models``), save it and read it back memory-mapped, compress it (``compress``), convert the
-tokenizer (``tokenizer``), write config files and the ``ovchat.json`` manifest. Everything is
-written into a temporary directory beside OUTPUT and renamed into place only when complete, so
-an interrupted or failed conversion never leaves something at OUTPUT that looks like a model.
+(``models``; a GGUF's is saved and read back memory-mapped), compress it (``compress``),
+convert the tokenizer (``tokenizer``), write config files and the ``ovchat.json`` manifest.
+Everything is written into a temporary directory beside OUTPUT and renamed into place only when
+complete, so an interrupted or failed conversion never leaves something at OUTPUT that looks like
+a model.
 """
 
 from __future__ import annotations
@@ -124,24 +125,31 @@ def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: Prog
     from ovchat.convert.compress import compress
 
     core = ov.Core()
+    float_dir = None
     if checkpoint.kind == "ov":
         _refuse_compressed(checkpoint.xml)
         progress(Progress("read", f"reading {checkpoint.xml}"))
         model = core.read_model(checkpoint.xml)
-        float_dir = None
     else:
         from ovchat.convert.models import build_model
 
         progress(Progress("build", f"building the {checkpoint.architecture} graph"))
         model = build_model(checkpoint, progress=progress)
-        float_dir = work / ".float"
-        progress(Progress("save", "saving the float model"))
-        ov.save_model(model, float_dir / MODEL_XML, compress_to_fp16=False)
-        # Drop the built graph (and any dequantized weights it holds) before reading the saved
-        # IR back: OpenVINO memory-maps the .bin, so only one float copy is ever resident.
-        del model
-        gc.collect()
-        model = core.read_model(float_dir / MODEL_XML)
+        # A Hugging Face model is compressed as built: its Constants share the memory-mapped
+        # safetensors, whose pages compress() drops after each NNCF step, so a float IR round
+        # trip would only add a full write and read of the weights. The model object holds the
+        # arrays its Constants share (build_model): it must live until it is saved below.
+        if checkpoint.kind == "gguf":
+            # GGUF weights are dequantized into ordinary memory that nothing can drop while the
+            # model holds it: save the float IR, free the graph with its arrays and the GGUF
+            # pages read while dequantizing, and compress the IR read back memory-mapped.
+            float_dir = work / ".float"
+            progress(Progress("save", "saving the float model"))
+            ov.save_model(model, float_dir / MODEL_XML, compress_to_fp16=False)
+            del model
+            gc.collect()
+            checkpoint.drop_weight_pages()
+            model = core.read_model(float_dir / MODEL_XML)
     model, bitwidths = compress(model, recipe, progress=progress)
     progress(Progress("save", "saving the model"))
     ov.save_model(model, work / MODEL_XML)

@@ -38,7 +38,8 @@ def build_model(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:
 
     Its Constants share the checkpoint's (memory-mapped) arrays without owning them; the returned
     Python object holds them. Keep it alive while the model, or anything compiled from it, is
-    used (saving it and reading the IR back, as ``convert`` does, ends that dependence).
+    used (``convert`` keeps it until the compressed model is saved; saving it and reading the IR
+    back, as ``convert`` does for GGUF sources, ends that dependence).
     """
     module = import_module(f"{__name__}.{module_name(checkpoint.config)}")
     return module.build(checkpoint, progress=progress)
