@@ -52,3 +52,20 @@ class UnsupportedArchitectureError(ConversionError):
 
 class OutputExistsError(ConversionError):
     """The output path exists and --force was not given."""
+
+
+class APIError(OvchatError):
+    """A request to `ovchat serve` that cannot be served as sent, in OpenAI's error terms.
+
+    ``status`` is the HTTP status, ``param`` the request field at fault (or None), ``code`` a
+    short machine-readable reason and ``kind`` OpenAI's error ``type``.
+    """
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+        self.kind = kind
+        self.headers = headers or {}
