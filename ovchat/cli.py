@@ -329,5 +329,50 @@ def doctor():
         sys.exit(1)
 
 
+
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback exposes the model to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port (0: any free port, logged at start).")
+@click.option("--api-key", envvar="OVCHAT_API_KEY", show_envvar=True, default=None,
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Prefer the "
+                   "environment variable: a command line is visible to other users.")
+@click.option("--max-concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Requests generated at once (batched together).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=None,
+              help="Requests that may wait for a slot before new ones get 429.  [default: 4 x max-concurrency]")
+@click.option("--kv-cache-gb", type=click.IntRange(min=1), default=2, show_default=True,
+              help="KV-cache pool shared by the running requests, in GB.")
+def serve(model, device, max_context, host, port, api_key, max_concurrency, max_queue, kv_cache_gb):
+    """Serve the model over HTTP with an OpenAI-compatible API.
+
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health
+    (503 until the model is loaded). Concurrent requests share one continuous-batching
+    scheduler. One log line per request goes to stderr. Needs the serve extra.
+    """
+    import logging
+
+    from ovchat.devices import choose_device
+    from ovchat.modelfiles import context_length
+    from ovchat.render import ProgressPrinter
+    from ovchat.server import serve as run_server
+    from ovchat.store import resolve_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    path = resolve_model(model, progress=ProgressPrinter())
+    chosen = choose_device(device)
+    if chosen.automatic:
+        notice(f"using {chosen.name} ({chosen.reason})")
+    try:
+        run_server(path, chosen, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
+                   max_queue=max_queue, kv_cache_gb=kv_cache_gb, context_limit=max_context or context_length(path))
+    except KeyboardInterrupt:
+        # uvicorn has shut down cleanly and re-raised the signal that stopped it.
+        notice("stopped")
+        sys.exit(130)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
