@@ -237,8 +237,9 @@ def test_api_key_is_required_everywhere_but_health(server):
 @pytest.mark.slow
 def test_one_log_line_per_request_with_tokens(server):
     server.post("/v1/completions", {"model": server.model, "prompt": ENDLESS, "max_tokens": 5})
+    server.post("/v1/chat/completions", {"model": server.model})
     deadline = time.monotonic() + 5
-    while "POST /v1/completions 200 tokens=" not in server.log() and time.monotonic() < deadline:
+    while "POST /v1/chat/completions 400 tokens=" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert re.search(r"POST /v1/completions 200 tokens=\d+\+5 \d+\.\d+s", server.log())
     assert re.search(r"POST /v1/chat/completions 400 tokens=- ", server.log())
@@ -298,3 +299,30 @@ def test_health_is_503_and_generation_refused_until_the_model_is_loaded(tmp_path
     backend.error = "could not load m on CPU: broken"
     assert client.get("/health").json() == {"status": "error", "error": backend.error}
     assert_error(client.post("/v1/completions", json={"model": "m", "prompt": "x"}), 503, code="model_not_ready")
+
+
+def test_incremental_text_adds_up_to_a_whole_decode(demo_model):
+    """Pieces cut anywhere (inside multi-byte characters, between spaces) join into the whole decode."""
+    import random
+
+    import openvino_genai
+
+    from ovchat.server.backend import IncrementalText
+
+    tokenizer = openvino_genai.Tokenizer(str(demo_model))
+    rnd = random.Random(0)
+    for text in ["In the café, naïve résumés 😀🐉 こんにちは世界 －－ don't  double  spaces\n\n\ttabs end.",
+                 "Hello world! It's 3.14 and   🎉🎉"]:
+        ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+        whole = tokenizer.decode(ids)
+        for _ in range(10):
+            pieces, at = IncrementalText(tokenizer.decode), 0
+            out = ""
+            while at < len(ids):
+                step = rnd.randint(1, 3)
+                pieces.add(ids[at:at + step])
+                at += step
+                piece = pieces.take()
+                assert "\ufffd" not in piece
+                out += piece
+            assert out + pieces.take(final=True) == whole

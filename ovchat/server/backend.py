@@ -7,10 +7,12 @@ and reads each request's new tokens, so no pipeline call ever races another. The
 talks to it through a command queue and gets text back through one asyncio queue per request.
 ``step()`` releases the GIL, so the event loop keeps serving while the model runs.
 
-Tokens are detokenized whole after each step and only the new text is sent, which keeps
-multi-byte characters and the tokenizer's spacing intact: the streamed pieces always add up to
-exactly the text a non-streamed request gets. GenAI itself holds back tokens that may start a
-stop string, so text that a stop string later removes is never streamed.
+New tokens are detokenized incrementally, as vLLM does: a short window of already-sent tokens is
+decoded with and without the new ones and only the difference is sent, so the tokenizer's
+spacing comes out as in a whole decode, a multi-byte character cut between tokens waits for its
+rest, and the cost per step does not grow with the reply. Streamed and non-streamed replies are
+the same pieces joined. GenAI itself holds back tokens that may start a stop string, so text
+that a stop string later removes is never streamed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
@@ -55,6 +57,31 @@ class Piece:
     finish_reason: Optional[str] = None
 
 
+class IncrementalText:
+    """One reply's token ids, turned into text piece by piece (see the module's docstring)."""
+
+    def __init__(self, decode: Callable[[List[int]], str]):
+        self._decode = decode
+        self.ids: List[int] = []
+        # ids[prefix:read] were sent already and give the window its context; ids[read:] were not.
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, ids: List[int]) -> None:
+        self.ids.extend(ids)
+
+    def take(self, *, final: bool = False) -> str:
+        """The text the unsent ids add: "" while it ends in a cut character, unless ``final``."""
+        if self._read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        after = self._decode(self.ids[self._prefix:])
+        if not final and (len(after) <= len(before) or after.endswith(_PARTIAL_CHARACTER)):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
+
+
 @dataclass
 class _Request:
     id: int
@@ -62,9 +89,8 @@ class _Request:
     config: Any
     loop: asyncio.AbstractEventLoop
     pieces: "asyncio.Queue[Any]"
+    text: IncrementalText
     handle: Any = None
-    ids: List[int] = field(default_factory=list)
-    sent: str = ""
 
 
 class Backend:
@@ -195,7 +221,8 @@ class Backend:
         Leaving the iteration early (the client went away, the task was cancelled) cancels the
         request: the stepper drops its handle and the scheduler frees its KV blocks.
         """
-        request = _Request(next(self._ids), prompt, config, asyncio.get_running_loop(), asyncio.Queue())
+        request = _Request(next(self._ids), prompt, config, asyncio.get_running_loop(), asyncio.Queue(),
+                           IncrementalText(self._tokenizer.decode))
         self._commands.put(("add", request))
         finished = False
         try:
@@ -263,16 +290,14 @@ class Backend:
         finish = None
         if request.handle.can_read():
             for output in request.handle.read().values():
-                request.ids.extend(output.generated_ids)
+                request.text.add(output.generated_ids)
                 if output.finish_reason != openvino_genai.GenerationFinishReason.NONE:
                     finish = output.finish_reason
         status = request.handle.get_status()
         if finish is None and status == openvino_genai.GenerationStatus.RUNNING:
-            text = self._tokenizer.decode(request.ids)
-            if text.endswith(_PARTIAL_CHARACTER) or not text.startswith(request.sent) or text == request.sent:
-                return
-            _deliver(request, Piece(text[len(request.sent):], len(request.ids)))
-            request.sent = text
+            text = request.text.take()
+            if text:
+                _deliver(request, Piece(text, len(request.text.ids)))
             return
         del active[request.id]
         if status == openvino_genai.GenerationStatus.IGNORED:
@@ -280,10 +305,8 @@ class Backend:
                                             f"or restart the server with more than {self.kv_cache_gb} GB "
                                             "(--kv-cache-gb)", code="kv_cache_exceeded"))
             return
-        text = self._tokenizer.decode(request.ids)
         reason = "length" if finish == openvino_genai.GenerationFinishReason.LENGTH else "stop"
-        _deliver(request, Piece(text[len(request.sent):] if text.startswith(request.sent) else "",
-                                len(request.ids), reason))
+        _deliver(request, Piece(request.text.take(final=True), len(request.text.ids), reason))
 
     def _fail(self, active: Dict[int, _Request], error: APIError) -> None:
         for request in active.values():
