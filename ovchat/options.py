@@ -7,6 +7,10 @@ from typing import Any, Mapping, Optional, Tuple
 
 from ovchat.errors import OptionError
 
+# GenAI keeps token counts in C++ integers: a larger value is a TypeError from the binding, not a
+# clear message. No model comes near it anyway.
+_MAX_COUNT = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -30,10 +34,10 @@ class GenerationOptions:
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check_int("max_new_tokens", self.max_new_tokens, low=1)
+        _check_int("max_new_tokens", self.max_new_tokens, low=1, high=_MAX_COUNT)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        _check_int("top_k", self.top_k, low=0)
+        _check_int("top_k", self.top_k, low=0, high=_MAX_COUNT)
         _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=2**32 - 1)

@@ -18,6 +18,8 @@ def test_defaults_are_greedy_with_the_samples_reply_length():
     ({"top_k": -1}, "top_k"),
     ({"top_k": 2.5}, "top_k"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 2**64}, "max_new_tokens"),
+    ({"top_k": 2**64}, "top_k"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"seed": -1}, "seed"),
     ({"stop": [""]}, "stop"),

@@ -193,6 +193,8 @@ def test_each_bad_request_gets_its_status_and_error_shape(server):
         (chat, {"body": {**ok, "max_tokens": 0}}, 400, "max_tokens", None),
         (chat, {"body": {**ok, "max_completion_tokens": "10"}}, 400, "max_completion_tokens", None),
         (chat, {"body": {**ok, "seed": -1}}, 400, "seed", None),
+        (chat, {"body": {**ok, "temperature": 1, "top_k": 2**64}}, 400, "top_k", None),  # past GenAI's integers
+        (chat, {"content": json.dumps({**ok, "temperature": float("nan")}).encode()}, 400, "temperature", None),
         (chat, {"body": {**ok, "stop": 5}}, 400, "stop", None),
         (chat, {"body": {**ok, "stream": "yes"}}, 400, "stream", None),
         (chat, {"body": {**ok, "stream_options": {"include_usage": True}}}, 400, "stream_options", None),
