@@ -329,6 +329,32 @@ def doctor():
         sys.exit(1)
 
 
+@main.command()
+@click.option("-m", "--model", envvar="OVCHAT_MODEL", default=None, show_envvar=True,
+              help="A store name, a model directory, a .gguf file or a known name (default: the default model).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=84, show_default=True,
+              help="Prompt length in tokens (a fixed chat-templated text, cut or padded to it).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="New tokens per generation (forced: end-of-sequence is ignored).")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measured runs, each in a fresh process, after one warm-up run.")
+@click.option("--device", envvar="OVCHAT_DEVICE", default="auto", show_default=True, show_envvar=True,
+              help="auto, CPU, GPU, GPU.N or NPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs and the summary as JSON.")
+def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
+    """Measure load time, time to first token, decode speed and peak memory of a model.
+
+    Each run is a fresh process that loads the model, warms up with a short generation and
+    generates exactly --new-tokens greedy tokens; the table shows median, min and max over the
+    runs (the warm-up run is not counted).
+    """
+    from ovchat.bench import run_benchmark
+    from ovchat.render import ProgressPrinter, format_bench
+
+    result = run_benchmark(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
+                           device=device, progress=ProgressPrinter())
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_bench(result))
+
 
 @main.command()
 @model_options

@@ -126,6 +126,12 @@ class ChatSession:
             return self._load(factory)
         return pipe, time.perf_counter() - start
 
+    @property
+    def pipeline(self) -> Any:
+        """The loaded ``openvino_genai.LLMPipeline``, for callers that drive it with token ids
+        (``ovchat bench``); generating through it bypasses the conversation."""
+        return self._pipe
+
     # -- conversation ---------------------------------------------------------------------
 
     @property

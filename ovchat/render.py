@@ -129,3 +129,30 @@ def format_bitwidths(distribution: dict) -> str:
     from ovchat.convert.compress import format_distribution
 
     return "\n".join("  " + line for line in format_distribution(distribution).splitlines())
+
+
+# (label, field, scale, format) of each row of `ovchat bench`'s table.
+_BENCH_ROWS = (
+    ("load time", "load_s", 1.0, "{:.2f} s"),
+    ("time to first token", "ttft_s", 1000.0, "{:.0f} ms"),
+    ("decode speed", "decode_tokens_per_s", 1.0, "{:.1f} tok/s"),
+    ("peak RSS", "peak_rss_bytes", 1 / 1024 ** 2, "{:.0f} MB"),
+    ("cold start to 1st token", "cold_start_s", 1.0, "{:.2f} s"),
+)
+
+
+def format_bench(result) -> str:
+    """A BenchResult as a table: one row per figure, median, min and max over the runs."""
+    header = (f"{result.model} on {result.device}: {result.prompt_tokens}-token prompt, "
+              f"{result.new_tokens} new tokens, {len(result.runs)} run{'s' if len(result.runs) > 1 else ''} "
+              f"(+1 warm-up)")
+    rows = [("", "median", "min", "max")]
+    for label, name, scale, fmt in _BENCH_ROWS:
+        stat = result.summary[name]
+        rows.append((label, *(fmt.format(v * scale) for v in (stat.median, stat.min, stat.max))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [header] + ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
+                        for r in rows]
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in result.versions.items()))
+    lines.append(f"peak RSS: {result.rss_scope}")
+    return "\n".join(lines)
