@@ -281,6 +281,21 @@ def test_client_leaving_mid_stream_frees_its_slot(demo_model):
         single.proc.kill()
 
 
+@pytest.mark.slow
+def test_a_model_that_cannot_load_stops_the_server_with_one_line(demo_model, tmp_path):
+    import shutil
+
+    from conftest import run_ovchat
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_model, broken, ignore=shutil.ignore_patterns("ovchat.json"))
+    (broken / "openvino_model.xml").write_text("<not a model")
+    done = run_ovchat("serve", "-m", str(broken), "--port", "0", "--device", "CPU", timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.decode().rstrip().splitlines()[-1].startswith("Error: could not load")
+    assert b"Traceback" not in done.stderr
+
+
 def test_health_is_503_and_generation_refused_until_the_model_is_loaded(tmp_path):
     """In-process, with a backend that is never loaded (the app's lifespan does not run here)."""
     from starlette.testclient import TestClient

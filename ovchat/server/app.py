@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ovchat.errors import APIError
+from ovchat.errors import APIError, ModelLoadError
 from ovchat.server.backend import Backend, Piece, Prompt
 from ovchat.server.schema import GenerationRequest, parse_chat, parse_completion
 
@@ -381,6 +381,8 @@ def _load(backend: Backend, on_failed: Callable[[str], None]) -> None:
     start = time.perf_counter()
     try:
         backend.load()
+    except ModelLoadError:
+        pass  # backend.error has the message, reported below
     finally:
         if backend.ready:
             log.info("model loaded on %s in %.1fs; ready", backend.device.name, time.perf_counter() - start)
