@@ -343,3 +343,14 @@ def test_incremental_text_adds_up_to_a_whole_decode(demo_model):
                 assert "\ufffd" not in piece
                 out += piece
             assert out + pieces.take(final=True) == whole
+
+
+def test_the_serve_extra_is_a_small_stack():
+    from importlib.metadata import requires
+
+    from test_cli_run import _installed_closure
+
+    serve = _installed_closure(r.split(";")[0] for r in requires("ovchat")
+                               if "extra ==" not in r or 'extra == "serve"' in r)
+    assert {"starlette", "uvicorn"} <= serve
+    assert not serve & {"torch", "transformers", "nncf", "fastapi", "pydantic", "uvloop", "httptools"}
