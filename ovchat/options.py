@@ -34,10 +34,10 @@ class GenerationOptions:
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check_int("max_new_tokens", self.max_new_tokens, low=1, high=_MAX_COUNT)
+        _check_int("max_new_tokens", self.max_new_tokens, low=1, cap=_MAX_COUNT)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        _check_int("top_k", self.top_k, low=0, high=_MAX_COUNT)
+        _check_int("top_k", self.top_k, low=0, cap=_MAX_COUNT)
         _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=2**32 - 1)
@@ -112,12 +112,15 @@ class GenerationOptions:
         return config
 
 
-def _check_int(name: str, value: Any, *, low: int, high: Optional[int] = None) -> None:
+def _check_int(name: str, value: Any, *, low: int, high: Optional[int] = None, cap: Optional[int] = None) -> None:
+    """``high`` is part of the option's range; ``cap`` is a technical limit, named only when exceeded."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise OptionError(f"{name} must be a whole number, not {value!r}")
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise OptionError(f"{name} must be {bound}, not {value}")
+    if cap is not None and value > cap:
+        raise OptionError(f"{name} must be at most {cap}, not {value}")
 
 
 def _check_float(name: str, value: Any, *, low: float, high: float, low_open: bool = False) -> None:
