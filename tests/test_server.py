@@ -354,3 +354,46 @@ def test_the_serve_extra_is_a_small_stack():
                                if "extra ==" not in r or 'extra == "serve"' in r)
     assert {"starlette", "uvicorn"} <= serve
     assert not serve & {"torch", "transformers", "nncf", "fastapi", "pydantic", "uvloop", "httptools"}
+
+
+def test_admission_queues_refuses_and_never_leaks_a_slot():
+    import asyncio
+
+    from ovchat.errors import APIError
+    from ovchat.server.app import Admission
+
+    async def scenario():
+        admission = Admission(running=1, waiting=1)
+        first = await admission.acquire()
+        waiter = asyncio.ensure_future(admission.acquire())
+        await asyncio.sleep(0)
+        with pytest.raises(APIError) as refused:
+            await admission.acquire()
+        assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+        # The waiter gives up in the same instant the slot is handed to it: the slot passes on.
+        waiter.cancel()
+        first.release()
+        first.release()  # a second release is a no-op
+        await asyncio.sleep(0)
+        assert waiter.cancelled() and admission.busy == 0
+        # A waiter cancelled before the release is skipped, and the slot goes to the next one.
+        holder = await admission.acquire()
+        quitter = asyncio.ensure_future(admission.acquire())
+        await asyncio.sleep(0)
+        quitter.cancel()
+        await asyncio.sleep(0)
+        patient = asyncio.ensure_future(admission.acquire())
+        await asyncio.sleep(0)
+        holder.release()
+        (await patient).release()
+        assert admission.busy == 0
+        # Handed the slot first, then cancelled before it could run: it passes the slot on.
+        holder = await admission.acquire()
+        late = asyncio.ensure_future(admission.acquire())
+        await asyncio.sleep(0)
+        holder.release()
+        late.cancel()
+        await asyncio.sleep(0)
+        assert late.cancelled() and admission.busy == 0
+
+    asyncio.run(scenario())

@@ -83,9 +83,9 @@ class Admission:
         try:
             await turn
         except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
+            if not turn.cancelled():
                 self._release()  # handed a slot just as we gave up: pass it on
-            else:
+            elif turn in self._waiters:  # _release may already have skipped and dropped it
                 self._waiters.remove(turn)
             raise
         return Slot(self)

@@ -2,10 +2,12 @@
 
 Continuous batching is GenAI's scheduler: requests join and leave a running batch between
 steps, and the KV cache is a fixed pool of blocks (``kv_cache_gb``) that the scheduler shares
-out. One thread, the stepper, owns the pipeline: it adds and cancels requests, calls ``step()``
-and reads each request's new tokens, so no pipeline call ever races another. The asyncio side
-talks to it through a command queue and gets text back through one asyncio queue per request.
-``step()`` releases the GIL, so the event loop keeps serving while the model runs.
+out. One thread, the stepper, drives the pipeline: it alone adds and cancels requests, calls
+``step()`` and reads each request's new tokens, so no scheduler call ever races another. The
+asyncio side talks to it through a command queue and gets text back through one asyncio queue
+per request. ``step()`` releases the GIL, so the event loop keeps serving while the model runs.
+(The tokenizer, which GenAI makes safe to share between threads, is also used by the request
+handlers to apply the chat template and count tokens.)
 
 New tokens are detokenized incrementally, as vLLM does: a short window of already-sent tokens is
 decoded with and without the new ones and only the difference is sent, so the tokenizer's
@@ -117,6 +119,10 @@ class Backend:
         self._has_template = False
         self._ready = threading.Event()
         self._commands: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        # Held while a request is queued for the stepper and while the stepper shuts its queue,
+        # so no request can be queued after the stepper has stopped reading.
+        self._queue_lock = threading.Lock()
+        self._closed = False
         self._ids = itertools.count(1)
         self._stepper: Optional[threading.Thread] = None
 
@@ -223,7 +229,10 @@ class Backend:
         """
         request = _Request(next(self._ids), prompt, config, asyncio.get_running_loop(), asyncio.Queue(),
                            IncrementalText(self._tokenizer.decode))
-        self._commands.put(("add", request))
+        with self._queue_lock:
+            if self._closed:
+                raise APIError(503, self.error or "the server is shutting down", kind="server_error")
+            self._commands.put(("add", request))
         finished = False
         try:
             while True:
@@ -240,7 +249,7 @@ class Backend:
                 self._commands.put(("cancel", request))
 
     def _run(self) -> None:
-        """The stepper: the only thread that touches the pipeline after loading."""
+        """The stepper: the only thread that adds, cancels, steps and reads requests."""
         active: Dict[int, _Request] = {}
         try:
             while True:
@@ -260,6 +269,15 @@ class Backend:
             # Normal stop or a bug: either way nobody must wait for pieces that will never come.
             self.error = self.error or "the server is shutting down"
             self._ready.clear()
+            with self._queue_lock:
+                self._closed = True
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command is not _STOP and command[0] == "add":
+                    active[command[1].id] = command[1]
             self._fail(active, APIError(503, self.error, kind="server_error"))
 
     def _take_commands(self, active: Dict[int, _Request], *, block: bool) -> bool:
