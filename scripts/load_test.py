@@ -26,10 +26,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from http.client import HTTPConnection, HTTPException
 from typing import List, Optional
 from urllib.parse import urlparse
-
-import httpx
 
 PROMPTS = [
     "Write a short story about a dragon who learns to bake bread.",
@@ -55,6 +54,30 @@ class Level:
     p99_s: float
     completion_tokens: int
     error_samples: List[str]
+
+
+class Http:
+    """One keep-alive connection to the server (the standard library's, so the script needs
+    nothing beyond ovchat's own install)."""
+
+    def __init__(self, url: str, headers: dict, timeout: float):
+        parsed = urlparse(url)
+        self.conn = HTTPConnection(parsed.hostname, parsed.port or 80, timeout=timeout)
+        self.headers = headers
+
+    def request(self, method: str, path: str, body: Optional[dict] = None) -> tuple:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
+        try:
+            self.conn.request(method, path, body=data, headers=headers)
+            response = self.conn.getresponse()
+            return response.status, response.read()
+        except (OSError, HTTPException):
+            self.conn.close()  # the next request reconnects
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -102,11 +125,14 @@ def start_server(args) -> tuple:
 def wait_ready(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        http = Http(url, {}, timeout=5)
         try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
+            if http.request("GET", "/health")[0] == 200:
                 return
-        except httpx.TransportError:
+        except (OSError, HTTPException):
             pass
+        finally:
+            http.close()
         time.sleep(0.2)
     sys.exit(f"load_test: {url}/health did not answer 200 within {timeout:.0f}s")
 
@@ -119,7 +145,8 @@ def run_level(url: str, model: str, clients: int, args, headers: dict) -> Level:
     stop_at = time.monotonic() + args.level_seconds
 
     def client(index: int) -> None:
-        with httpx.Client(base_url=url, headers=headers, timeout=args.request_timeout) as http:
+        http = Http(url, headers, timeout=args.request_timeout)
+        try:
             for n in range(args.requests_per_client):
                 if time.monotonic() >= stop_at:
                     return
@@ -127,18 +154,20 @@ def run_level(url: str, model: str, clients: int, args, headers: dict) -> Level:
                         "messages": [{"role": "user", "content": PROMPTS[(index + n) % len(PROMPTS)]}]}
                 start = time.perf_counter()
                 try:
-                    response = http.post("/v1/chat/completions", json=body)
-                except httpx.HTTPError as e:
+                    status, data = http.request("POST", "/v1/chat/completions", body)
+                except (OSError, HTTPException) as e:
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}")
                     continue
                 elapsed = time.perf_counter() - start
                 with lock:
-                    if response.status_code == 200:
+                    if status == 200:
                         latencies.append(elapsed)
-                        tokens[0] += response.json()["usage"]["completion_tokens"]
+                        tokens[0] += json.loads(data)["usage"]["completion_tokens"]
                     else:
-                        errors.append(f"{response.status_code}: {response.text[:200]}")
+                        errors.append(f"{status}: {data[:200].decode(errors='replace')}")
+        finally:
+            http.close()
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -180,10 +209,15 @@ def main() -> int:
     try:
         wait_ready(url, args.startup_timeout)
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        http = Http(url, headers, timeout=args.request_timeout)
+        status, data = http.request("GET", "/v1/models")
+        if status != 200:
+            sys.exit(f"load_test: GET /v1/models answered {status}: {data[:200].decode(errors='replace')}")
+        model = json.loads(data)["data"][0]["id"]
         # Warm-up: the first request pays for one-time set-up that no level should be charged for.
-        httpx.post(url + "/v1/chat/completions", headers=headers, timeout=args.request_timeout,
-                   json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+        http.request("POST", "/v1/chat/completions",
+                     {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+        http.close()
         levels = [run_level(url, model, c, args, headers) for c in args.levels]
     finally:
         if proc is not None:

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
+import httpx2
 import pytest
 
 from conftest import OvchatProcess
@@ -33,9 +33,9 @@ class Server:
         # No retries: a 429 or 5xx must show up as it is, not be retried away.
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
 
-    def post(self, path: str, body=None, *, content=None, key: str = KEY, **kw) -> httpx.Response:
+    def post(self, path: str, body=None, *, content=None, key: str = KEY, **kw) -> httpx2.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + path, json=body, content=content, headers=headers, timeout=120, **kw)
+        return httpx2.post(self.url + path, json=body, content=content, headers=headers, timeout=120, **kw)
 
     def log(self) -> str:
         self.proc._drain()
@@ -50,8 +50,8 @@ def start_server(model, *args: str) -> Server:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            status = httpx.get(url + "/health", timeout=5).status_code
-        except httpx.TransportError:  # uvicorn not accepting yet
+            status = httpx2.get(url + "/health", timeout=5).status_code
+        except httpx2.TransportError:  # uvicorn not accepting yet
             time.sleep(0.05)
             continue
         first = first or status
@@ -70,7 +70,7 @@ def server(demo_model):
     s.proc.kill()
 
 
-def assert_error(response: httpx.Response, status: int, *, param=None, code=None) -> dict:
+def assert_error(response: httpx2.Response, status: int, *, param=None, code=None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -87,7 +87,7 @@ def assert_error(response: httpx.Response, status: int, *, param=None, code=None
 @pytest.mark.slow
 def test_health_and_models(server):
     assert server.health_at_start in (503, 200)  # 503 while loading, if the first poll came early
-    health = httpx.get(server.url + "/health").json()
+    health = httpx2.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == server.model
     assert [m.id for m in server.client().models.list()] == [server.model]
     assert server.client().models.retrieve(server.model).id == server.model
@@ -213,7 +213,7 @@ def test_each_bad_request_gets_its_status_and_error_shape(server):
             assert_error(response, status, param=param, code=code)
         except AssertionError as e:
             raise AssertionError(f"{path} {str(kw)[:120]}: {e}") from None
-    assert_error(httpx.get(server.url + chat, headers={"Authorization": f"Bearer {KEY}"}), 405)
+    assert_error(httpx2.get(server.url + chat, headers={"Authorization": f"Bearer {KEY}"}), 405)
     # The openai client sees the same refusals as its own exception types.
     with pytest.raises(openai.BadRequestError) as raised:
         server.client().chat.completions.create(model=server.model, messages=QUESTION, n=3)
@@ -228,9 +228,9 @@ def test_api_key_is_required_everywhere_but_health(server):
     body = {"model": server.model, "messages": QUESTION, "max_tokens": 2}
     assert_error(server.post("/v1/chat/completions", body, key=None), 401, code="invalid_api_key")
     assert_error(server.post("/v1/chat/completions", body, key=KEY + "x"), 401, code="invalid_api_key")
-    assert_error(httpx.get(server.url + "/v1/models"), 401)
-    assert_error(httpx.get(server.url + "/v1/models", headers={"Authorization": "Basic " + KEY}), 401)
-    assert httpx.get(server.url + "/health").status_code == 200
+    assert_error(httpx2.get(server.url + "/v1/models"), 401)
+    assert_error(httpx2.get(server.url + "/v1/models", headers={"Authorization": "Basic " + KEY}), 401)
+    assert httpx2.get(server.url + "/health").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         server.client(key="wrong").models.list()
     assert server.post("/v1/chat/completions", body).status_code == 200
@@ -256,7 +256,7 @@ def test_client_leaving_mid_stream_frees_its_slot(demo_model):
     single = start_server(demo_model, "--max-concurrency", "1", "--max-queue", "0")
     try:
         endless = {"model": single.model, "prompt": ENDLESS, "max_tokens": 4000, "stream": True}
-        with httpx.stream("POST", single.url + "/v1/completions", json=endless, timeout=60) as response:
+        with httpx2.stream("POST", single.url + "/v1/completions", json=endless, timeout=60) as response:
             assert response.status_code == 200
             # Leaving iter_lines() early would close the connection: read on while the slot is asked for.
             lines = response.iter_lines()
