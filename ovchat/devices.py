@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple, TypeVar
 
-from ovchat.errors import DeviceError
+from ovchat.errors import DeviceError, ModelLoadError, summary
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +80,25 @@ def compile_properties(device: DeviceChoice, cache_dir: Optional[Path]) -> Dict[
         cache_dir.mkdir(parents=True, exist_ok=True)
         props["CACHE_DIR"] = str(cache_dir)
     return props
+
+
+T = TypeVar("T")
+
+
+def compile_with_fallback(compile: Callable[[DeviceChoice], T], device: DeviceChoice, *, model: Path,
+                          notice: Callable[[str], None]) -> Tuple[T, DeviceChoice]:
+    """Run ``compile(device)``; when ``auto`` chose an accelerator that fails, retry on the CPU.
+
+    A device the user named is never swapped silently: its failure is a ModelLoadError.
+    Returns the compiled object and the device it ended up on.
+    """
+    try:
+        return compile(device), device
+    except RuntimeError as e:
+        if not (device.automatic and device.family != "CPU"):
+            raise ModelLoadError(f"could not load {model} on {device.name}: {summary(e)}") from None
+        # auto picked an accelerator that could not take the model: the CPU always can.
+        cpu = DeviceChoice("CPU", f"auto: {device.name} could not load the model ({summary(e)}), using the CPU",
+                           True)
+        notice(f"{device.name} could not load the model; falling back to the CPU")
+        return compile(cpu), cpu

@@ -69,3 +69,10 @@ class APIError(OvchatError):
         self.code = code
         self.kind = kind
         self.headers = headers or {}
+
+
+def summary(error: BaseException) -> str:
+    """The informative line of an OpenVINO exception (they carry source paths and check lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith(("Exception from", "Check ", "["))]
+    return (informative or lines or [type(error).__name__])[-1][:300]

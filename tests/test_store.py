@@ -1,7 +1,6 @@
 """The model store through the real CLI: pull, list, info, run by name, rm, default, doctor,
 interrupted and concurrent pulls, damaged entries, and the hub path offline."""
 
-import json
 import os
 import signal
 import subprocess

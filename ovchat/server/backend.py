@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
-from ovchat.devices import DeviceChoice, compile_properties
-from ovchat.engine import _first_line
-from ovchat.errors import APIError, ModelLoadError
+from ovchat.devices import DeviceChoice, compile_properties, compile_with_fallback
+from ovchat.errors import APIError, ModelLoadError, summary
 from ovchat.options import GenerationOptions
 from ovchat.store import compile_cache_dir
 
@@ -156,18 +155,11 @@ class Backend:
         scheduler.max_num_seqs = self.max_running
         # Prefix caching keeps finished requests' blocks; off, the pool holds only live requests.
         scheduler.enable_prefix_caching = False
-        try:
-            return factory(str(self.model_path), scheduler, self.device.name,
-                           compile_properties(self.device, compile_cache_dir()))
-        except RuntimeError as e:
-            if not (self.device.automatic and self.device.family != "CPU"):
-                raise ModelLoadError(f"could not load {self.model_path} on {self.device.name}: "
-                                     f"{_first_line(e)}") from None
-            # auto picked an accelerator that could not take the model: the CPU always can.
-            failed = self.device.name
-            self.device = DeviceChoice("CPU", f"auto: {failed} could not load the model, using the CPU", True)
-            self._notice(f"{failed} could not load the model ({_first_line(e)}); falling back to the CPU")
-            return self._compile(openvino_genai)
+        pipe, self.device = compile_with_fallback(
+            lambda device: factory(str(self.model_path), scheduler, device.name,
+                                   compile_properties(device, compile_cache_dir())),
+            self.device, model=self.model_path, notice=self._notice)
+        return pipe
 
     def close(self) -> None:
         """Stop the stepper; requests still running end with an error."""
@@ -186,7 +178,7 @@ class Backend:
             text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except RuntimeError as e:
             # Templates may refuse some orders of roles (e.g. two user messages in a row).
-            raise APIError(400, f"the model's chat template refused the messages: {_first_line(e)}",
+            raise APIError(400, f"the model's chat template refused the messages: {summary(e)}",
                            param="messages") from None
         return self._encode(text, add_special_tokens=False)
 
@@ -260,7 +252,7 @@ class Backend:
                     try:
                         self._pipe.step()
                     except RuntimeError as e:
-                        self._fail(active, APIError(500, f"generation failed: {_first_line(e)}",
+                        self._fail(active, APIError(500, f"generation failed: {summary(e)}",
                                                     kind="server_error"))
                         continue
                 for request in list(active.values()):
@@ -295,7 +287,7 @@ class Backend:
                 try:
                     request.handle = self._pipe.add_request(request.id, request.prompt.ids, request.config)
                 except RuntimeError as e:  # GenAI's own check of the config
-                    _deliver(request, APIError(400, _first_line(e)))
+                    _deliver(request, APIError(400, summary(e)))
                     continue
                 active[request.id] = request
             elif request.id in active:
