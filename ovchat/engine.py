@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from ovchat.devices import DeviceChoice, choose_device, compile_properties
-from ovchat.errors import ContextOverflowError, InputError, ModelLoadError, OvchatError
+from ovchat.devices import choose_device, compile_properties, compile_with_fallback
+from ovchat.errors import ContextOverflowError, InputError, ModelLoadError, OvchatError, summary
 from ovchat.modelfiles import context_length
 from ovchat.options import GenerationOptions
 from ovchat.progress import ProgressCallback, ignore
@@ -111,19 +111,10 @@ class ChatSession:
 
             factory = openvino_genai.LLMPipeline
         start = time.perf_counter()
-        try:
-            pipe = factory(str(self.model_path), self.device.name,
-                           **compile_properties(self.device, compile_cache_dir()))
-        except RuntimeError as e:
-            if not (self.device.automatic and self.device.family != "CPU"):
-                raise ModelLoadError(f"could not load {self.model_path} on {self.device.name}: "
-                                     f"{_first_line(e)}") from None
-            # auto picked an accelerator that could not take the model: the CPU always can.
-            failed = self.device.name
-            self.device = DeviceChoice("CPU", f"auto: {failed} could not load the model "
-                                       f"({_first_line(e)}), using the CPU", True)
-            self._notice(f"{failed} could not load the model; falling back to the CPU")
-            return self._load(factory)
+        pipe, self.device = compile_with_fallback(
+            lambda device: factory(str(self.model_path), device.name,
+                                   **compile_properties(device, compile_cache_dir())),
+            self.device, model=self.model_path, notice=self._notice)
         return pipe, time.perf_counter() - start
 
     @property
@@ -260,7 +251,7 @@ class ChatSession:
             self._finish_turn(history, parts, outcome, max_new, prompt_tokens, cancelled)
             self._busy.release()
         if "error" in outcome:
-            raise ModelLoadError(f"generation failed: {_first_line(outcome['error'])}")
+            raise ModelLoadError(f"generation failed: {summary(outcome['error'])}")
 
     def _finish_turn(self, history: List[Dict[str, str]], parts: List[str], outcome: Dict[str, Any],
                      max_new: int, prompt_tokens: int, cancelled: bool) -> None:
@@ -330,10 +321,3 @@ class ChatSession:
             self._notice(f"dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit "
                          f"the {limit}-token context window")
         return history, min(opts.max_new_tokens, limit - count), count
-
-
-def _first_line(error: BaseException) -> str:
-    """The informative line of an OpenVINO exception (they carry source paths and stack lines)."""
-    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-    informative = [l for l in lines if not l.startswith(("Exception from", "Check ", "["))]
-    return (informative or lines or [type(error).__name__])[-1][:300]
