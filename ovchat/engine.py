@@ -115,7 +115,22 @@ class ChatSession:
             lambda device: factory(str(self.model_path), device.name,
                                    **compile_properties(device, compile_cache_dir())),
             self.device, model=self.model_path, notice=self._notice)
+        if self.device.family == "CPU":
+            self._warm_up(pipe)
         return pipe, time.perf_counter() - start
+
+    def _warm_up(self, pipe: Any) -> None:
+        """Repack the weights now rather than in the first reply, and give back the mapped
+        weight pages that leaves resident (see ovchat.warmup): peak RSS 391 -> 295 MB on the
+        demo model."""
+        from ovchat.warmup import warm_up
+
+        ids = [int(i) for i in pipe.get_tokenizer().encode("Hello", add_special_tokens=False).input_ids.data[0]]
+        try:
+            warm_up(pipe, self.model_path, ids or [0])
+        except RuntimeError as e:
+            raise ModelLoadError(f"{self.model_path} was compiled on {self.device.name} but cannot run: "
+                                 f"{summary(e)}") from None
 
     @property
     def pipeline(self) -> Any:

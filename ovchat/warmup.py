@@ -1,0 +1,115 @@
+"""Warm a freshly compiled pipeline up, and give back the weight pages that leaves behind.
+
+OpenVINO's CPU plugin memory-maps ``openvino_model.bin`` and, at the first inference, repacks
+every compressed weight into its own blocked layout in anonymous memory. From then on it
+computes from the repacked copy; the mapped pages it read stay resident all the same (the
+kernel drops clean file pages only under memory pressure), so the process holds the weights
+twice: 391 MB instead of 295 MB for the 135M demo model, 5.5 GB for a 2.7 GB Phi-3-mini int4.
+
+``warm_up`` runs that first inference at load, on a two-token prompt, while a helper thread
+drops the model file's pages from this process as they are read (MADV_DONTNEED), then drops
+them once more at the end. Dropping clean pages of a read-only file mapping loses nothing: a
+later access (the embedding table is read row by row) faults the page back in from the page
+cache or the file, and the page cache keeps them for the next start. Only read-only mappings of the
+model's own weight file are touched; they live as long as the pipeline, which
+the caller holds throughout. Linux only; elsewhere only the warm-up runs.
+
+Besides the memory, the first reply no longer pays for the repacking: it moves into load time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+_MADV_DONTNEED = 4
+_DROP_INTERVAL_S = 0.02
+
+
+def weight_files(model_path: Path) -> List[Path]:
+    """The files whose mapped pages hold the model's weights: the IR's .bin, or the .gguf itself."""
+    model_path = Path(model_path)
+    files = [model_path / "openvino_model.bin"] if model_path.is_dir() else [model_path]
+    return [f.resolve() for f in files if f.is_file()]
+
+
+def _madvise() -> Optional[Callable[[int, int, int], int]]:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def _mappings(files: List[Path]) -> List[Tuple[int, int]]:
+    """(start, length) of this process's read-only mappings of ``files``."""
+    wanted = {str(f) for f in files}
+    found = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                # Readable and not writable ("r--s" is how OpenVINO maps the .bin): a private
+                # writable mapping could hold changes that DONTNEED would throw away.
+                if len(fields) < 6 or fields[1][:2] != "r-" or fields[5].rstrip("\n") not in wanted:
+                    continue
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                found.append((start, end - start))
+    except OSError:
+        return []
+    return found
+
+
+def drop_weight_pages(files: List[Path], madvise: Optional[Callable[[int, int, int], int]] = None) -> int:
+    """Drop this process's resident pages of the read-only mappings of ``files``; returns the
+    bytes of mapping advised (0 where this is not Linux)."""
+    madvise = madvise or _madvise()
+    if madvise is None:
+        return 0
+    advised = 0
+    for start, length in _mappings(files):
+        if madvise(start, length, _MADV_DONTNEED) == 0:
+            advised += length
+    return advised
+
+
+def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
+    """One short generation from ``token_ids`` (two new tokens: a prefill and a decode step),
+    with the model's weight pages dropped while it runs and after it."""
+    import numpy as np
+    import openvino as ov
+
+    files = weight_files(model_path)
+    madvise = _madvise() if files else None
+    done = threading.Event()
+
+    def dropper() -> None:
+        while not done.wait(_DROP_INTERVAL_S):
+            drop_weight_pages(files, madvise)
+
+    helper = threading.Thread(target=dropper, name="ovchat-drop-pages", daemon=True) if madvise else None
+    config = pipe.get_generation_config()
+    config.max_new_tokens = config.min_new_tokens = 2
+    config.ignore_eos, config.do_sample = True, False
+    start = time.perf_counter()
+    try:
+        if helper:
+            helper.start()
+        pipe.generate(ov.Tensor(np.array([token_ids], dtype=np.int64)), config)
+    finally:
+        done.set()
+        if helper:
+            helper.join()
+    dropped = drop_weight_pages(files, madvise) if madvise else 0
+    log.info("warm-up took %.2f s; %d MB of weight-file mappings dropped", time.perf_counter() - start,
+             dropped >> 20)
