@@ -390,7 +390,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (RuntimeError, subprocess.CalledProcessError) as e:
             log.error("%s cannot be installed: %s", peer, e)
             report["peers"][peer]["skipped"] = f"install failed: {str(e).splitlines()[0]}"
-    models = prepare_models(source, work, pythons.get("optimum"), list(pythons))
+    try:
+        models = prepare_models(source, work, pythons.get("optimum"), list(pythons))
+    except RuntimeError as e:  # the optimum export failed: measure the others
+        log.error("%s", e)
+        report["peers"]["optimum"]["skipped"] = f"export failed: {str(e).splitlines()[0]}"
+        pythons.pop("optimum", None)
+        models = prepare_models(source, work, None, list(pythons))
     ids = prompts(models["ovchat"], args.prompt_tokens)
     report["model_files"] = {peer: str(models[peer]) for peer in pythons if peer in models}
 
