@@ -7,6 +7,7 @@ standard library so the base install needs no ``gguf`` package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
@@ -25,6 +26,16 @@ REQUIRED_IR_FILES = (
 )
 
 GGUF_MAGIC = b"GGUF"
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks (model files are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_model(path: Path) -> Path:

@@ -14,7 +14,6 @@ Layout under ``OVCHAT_HOME`` (default: the user's cache directory + ``/ovchat``)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from ovchat.errors import FetchError, ModelLoadError, ModelNotFoundError, Ovchat
 from ovchat.interrupts import sigterm_as_interrupt
 from ovchat.fetch import DEMO_MODEL, PackagedModel, fetch_packaged
 from ovchat.locking import FileLock
-from ovchat.modelfiles import check_model
+from ovchat.modelfiles import check_model, sha256
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "ovchat.json"
 _PARTIAL = ".partial-"  # + NAME@random: '@' cannot occur in a name, so globs never cross names
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -185,14 +183,6 @@ def damage(path: Path, *, full: bool = False) -> List[str]:
         elif full and sha256(f) != info["sha256"]:
             problems.append(f"{rel} does not match its sha256")
     return problems
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- default model ----------------------------------------------------------------------------
@@ -384,10 +374,7 @@ def _hub_download(repo: str, progress: ProgressCallback) -> tuple:
 def _add_store_fields(model_dir: Path, name: str, origin: dict) -> None:
     manifest_path = model_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    manifest["store"] = {"name": name, **origin}
-    if "files" not in manifest:
-        manifest["files"] = {str(f.relative_to(model_dir)): {"size": f.stat().st_size, "sha256": sha256(f)}
-                             for f in sorted(model_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    manifest["store"] = {"name": name, **origin}  # "files" (sizes, sha256) were written by convert()
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ovchat.errors import CheckpointError, ConversionError, OutputExistsError
 from ovchat.interrupts import sigterm_as_interrupt
+from ovchat.modelfiles import sha256
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 __all__ = ["convert", "Recipe", "MANIFEST", "read_manifest"]
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "ovchat.json"
 MANIFEST_VERSION = 1
 MODEL_XML = "openvino_model.xml"
-_HASH_CHUNK = 8 * 1024 * 1024
 
 if TYPE_CHECKING:  # pragma: no cover
     from ovchat.convert.compress import Recipe
@@ -202,14 +201,7 @@ def _write_configs(checkpoint, work: Path) -> None:
 
 
 def _hash_files(files: List[Path]) -> Dict[str, str]:
-    digests = {}
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                h.update(chunk)
-        digests[str(f)] = h.hexdigest()
-    return digests
+    return {str(f): sha256(f) for f in files}
 
 
 def _versions() -> Dict[str, Optional[str]]:
