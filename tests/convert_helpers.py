@@ -50,11 +50,10 @@ class _Checkpoint:
 
 
 def open_tiny(path: Path):
-    """The checkpoint through ovchat's own reader when it exists, else the adapter above."""
-    try:
-        from ovchat.convert.sources import open_checkpoint
-    except ImportError:
-        return _Checkpoint(path)
+    """The checkpoint through ovchat's own reader (the Reference reads it through the
+    independent adapter above instead)."""
+    from ovchat.convert.sources import open_checkpoint
+
     return open_checkpoint(path)
 
 

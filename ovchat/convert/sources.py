@@ -31,12 +31,16 @@ class Checkpoint:
     """A model checkpoint on disk, seen through Hugging Face names and config keys."""
 
     kind: str = ""
+    # How a missing tensor is reported: "{path}: tensor {name} is missing from <where>; <hint>".
+    _missing = "the checkpoint; re-download it"
 
-    def __init__(self, path: Path, config: dict, generation_config: Optional[dict], files: List[Path]):
+    def __init__(self, path: Path, config: dict, generation_config: Optional[dict], files: List[Path],
+                 index: Optional[Dict[str, object]] = None):
         self.path = path
         self.config = config
         self.generation_config = generation_config
         self.files = files
+        self._index = dict(index or {})  # HF tensor name -> where the reader finds it
 
     @property
     def architecture(self) -> str:
@@ -44,13 +48,20 @@ class Checkpoint:
         return archs[0] if archs else ""
 
     def names(self) -> List[str]:
-        raise NotImplementedError
+        return list(self._index)
 
     def has(self, name: str) -> bool:
-        return name in set(self.names())
+        return name in self._index
 
     def get(self, name: str) -> Weight:
         raise NotImplementedError
+
+    def _entry(self, name: str) -> object:
+        """Where tensor ``name`` is stored, or CheckpointError if the checkpoint lacks it."""
+        try:
+            return self._index[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name} is missing from {self._missing}") from None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} {self.architecture} {self.path}>"
@@ -65,22 +76,11 @@ class HFCheckpoint(Checkpoint):
 
     def __init__(self, path: Path, config: dict, generation_config: Optional[dict], files: List[Path],
                  owner: Dict[str, Path]):
-        super().__init__(path, config, generation_config, files)
-        self._owner = owner
+        super().__init__(path, config, generation_config, files, owner)  # name -> its .safetensors
         self._loaded: Dict[Path, Dict[str, Weight]] = {}
 
-    def names(self) -> List[str]:
-        return list(self._owner)
-
-    def has(self, name: str) -> bool:
-        return name in self._owner
-
     def get(self, name: str) -> Weight:
-        try:
-            file = self._owner[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint; "
-                                  "re-download it") from None
+        file = self._entry(name)
         if file not in self._loaded:
             self._loaded[file] = safetensors.load(file)
         return self._loaded[file][name]
@@ -231,27 +231,17 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 class GGUFCheckpoint(Checkpoint):
     kind = "gguf"
+    _missing = "the GGUF file; use a complete GGUF"
 
     def __init__(self, path: Path, reader, arch: str, config: dict, generation_config: dict,
                  tensors: Dict[str, object]):
-        super().__init__(path, config, generation_config, [path])
+        super().__init__(path, config, generation_config, [path], tensors)  # name -> gguf ReaderTensor
         self.reader = reader
         self.gguf_architecture = arch
-        self._tensors = tensors  # HF name -> gguf ReaderTensor
-
-    def names(self) -> List[str]:
-        return list(self._tensors)
-
-    def has(self, name: str) -> bool:
-        return name in self._tensors
 
     def element_count(self, name: str) -> int:
         """How many values tensor ``name`` holds, without reading it."""
-        try:
-            return int(self._tensors[name].n_elements)
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing from the GGUF file; "
-                                  "use a complete GGUF") from None
+        return int(self._entry(name).n_elements)
 
     def field(self, key: str, default=None):
         """A GGUF metadata value (strings decoded, arrays as lists), or ``default``."""
@@ -274,11 +264,7 @@ class GGUFCheckpoint(Checkpoint):
     def get(self, name: str) -> Weight:
         import gguf
 
-        try:
-            t = self._tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing from the GGUF file; "
-                                  "use a complete GGUF") from None
+        t = self._entry(name)
         qtype = t.tensor_type
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if qtype == gguf.GGMLQuantizationType.F32:
@@ -473,9 +459,6 @@ class OVCheckpoint(Checkpoint):
     @property
     def xml(self) -> Path:
         return self.path / self.MODEL_XML
-
-    def names(self) -> List[str]:
-        return []
 
     def get(self, name: str) -> Weight:
         raise CheckpointError(f"{self.path} is an OpenVINO IR; its weights are not read by name")
