@@ -12,6 +12,9 @@ from ovchat.errors import OptionError
 _MAX_COUNT = 2**31 - 1
 
 
+_WHOLE_NUMBERS = ("max_new_tokens", "top_k", "seed")
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """How one reply is generated.
@@ -52,33 +55,32 @@ class GenerationOptions:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "GenerationOptions":
         """Build from a dict, rejecting keys that are not options (typos must not pass silently)."""
-        unknown = sorted(set(values) - set(cls.names()))
-        if unknown:
-            raise OptionError(f"unknown generation option {', '.join(unknown)}; "
-                              f"known: {', '.join(cls.names())}")
+        cls._check_known(values)
         return cls(**values)
 
     def with_changes(self, **changes: Any) -> "GenerationOptions":
         """A copy with some options changed; None values are left as they were."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        unknown = sorted(set(changes) - set(self.names()))
+        self._check_known(changes)
+        return replace(self, **changes)
+
+    @classmethod
+    def _check_known(cls, keys: Any) -> None:
+        unknown = sorted(set(keys) - set(cls.names()))
         if unknown:
             raise OptionError(f"unknown generation option {', '.join(unknown)}; "
-                              f"known: {', '.join(self.names())}")
-        return replace(self, **changes)
+                              f"known: {', '.join(cls.names())}")
 
     def with_text_value(self, name: str, text: str) -> "GenerationOptions":
         """Set one option from its text form, as typed at `/set KEY VALUE`."""
         name = name.replace("-", "_")
         if name not in self.names():
             raise OptionError(f"unknown option {name!r}; known: {', '.join(self.names())}")
-        current = {f.name: f for f in fields(self)}[name]
-        kind = current.type
         if name == "stop":
             value: Any = tuple(s for s in text.split("|") if s) if text not in ("", "none") else ()
         elif name == "seed" and text.lower() in ("none", "random"):
             value = None
-        elif "int" in str(kind):
+        elif name in _WHOLE_NUMBERS:
             try:
                 value = int(text)
             except ValueError:
