@@ -406,11 +406,10 @@ def describe(spec: str, *, verify: bool = True) -> dict:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         manifest = {}
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
     info.update(kind="openvino", manifest=manifest, architecture=manifest.get("architecture"),
                 context_length=context_length(path), chat_template=_has_chat_template(path),
-                files={str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()},
-                size=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-                problems=damage(path, full=verify) if manifest else [])
+                files=files, size=sum(files.values()), problems=damage(path, full=verify) if manifest else [])
     return info
 
 
