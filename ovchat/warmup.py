@@ -24,11 +24,13 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List
+
+from ovchat import pages
+from ovchat.modelfiles import MODEL_BIN
 
 log = logging.getLogger(__name__)
 
-_MADV_DONTNEED = 4
 # The helper drops pages after 20 ms, then at intervals growing by half up to 200 ms. Each drop
 # unmaps pages under every thread computing the warm-up (TLB shootdowns on all cores): a fixed
 # 20 ms made a Phi-3-mini load on 16 cores about 2 s slower, while 200 ms from the start would
@@ -41,53 +43,24 @@ _LONGEST_DROP_S = 0.2
 def weight_files(model_path: Path) -> List[Path]:
     """The files whose mapped pages hold the model's weights: the IR's .bin, or the .gguf itself."""
     model_path = Path(model_path)
-    files = [model_path / "openvino_model.bin"] if model_path.is_dir() else [model_path]
+    files = [model_path / MODEL_BIN] if model_path.is_dir() else [model_path]
     return [f.resolve() for f in files if f.is_file()]
 
 
-def _madvise() -> Optional[Callable[[int, int, int], int]]:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
+# The warm-up prompt's length. The CPU plugin may pack weights differently for one-token decode
+# steps and for prompts of several tokens, and packs each layout at its first use: a prompt of a
+# couple of tokens left the prefill layout to the first reply, which then read the whole weight
+# file back in (demo model: +70 MB resident).
+WARM_UP_TOKENS = 32
 
 
-def _mappings(files: List[Path]) -> List[Tuple[int, int]]:
-    """(start, length) of this process's read-only mappings of ``files``."""
-    wanted = {str(f) for f in files}
-    found = []
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                # Readable and not writable ("r--s" is how OpenVINO maps the .bin): a private
-                # writable mapping could hold changes that DONTNEED would throw away.
-                if len(fields) < 6 or fields[1][:2] != "r-" or fields[5].rstrip("\n") not in wanted:
-                    continue
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                found.append((start, end - start))
-    except OSError:
-        return []
-    return found
-
-
-def drop_weight_pages(files: List[Path], madvise: Optional[Callable[[int, int, int], int]] = None) -> int:
-    """Drop this process's resident pages of the read-only mappings of ``files``; returns the
-    bytes of mapping advised (0 where this is not Linux)."""
-    madvise = madvise or _madvise()
-    if madvise is None:
-        return 0
-    advised = 0
-    for start, length in _mappings(files):
-        if madvise(start, length, _MADV_DONTNEED) == 0:
-            advised += length
-    return advised
+def warm_up_ids(tokenizer: Any) -> List[int]:
+    """WARM_UP_TOKENS token ids of ordinary text, for ``warm_up``."""
+    ids = [int(i) for i in tokenizer.encode("The quick brown fox jumps over the lazy dog. ",
+                                            add_special_tokens=False).input_ids.data[0]] or [0]
+    while len(ids) < WARM_UP_TOKENS:
+        ids += ids
+    return ids[:WARM_UP_TOKENS]
 
 
 def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
@@ -97,13 +70,13 @@ def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
     import openvino as ov
 
     files = weight_files(model_path)
-    madvise = _madvise() if files else None
+    madvise = pages.madvise() if files else None
     done = threading.Event()
 
     def dropper() -> None:
         interval = _FIRST_DROP_S
         while not done.wait(interval):
-            drop_weight_pages(files, madvise)
+            pages.drop_file_pages(files, madvise)
             interval = min(_LONGEST_DROP_S, interval * 1.5)
 
     helper = threading.Thread(target=dropper, name="ovchat-drop-pages", daemon=True) if madvise else None
@@ -119,6 +92,6 @@ def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
         done.set()
         if helper:
             helper.join()
-    dropped = drop_weight_pages(files, madvise) if madvise else 0
+    dropped = pages.drop_file_pages(files, madvise) if madvise else 0
     log.info("warm-up took %.2f s; %d MB of weight-file mappings dropped", time.perf_counter() - start,
              dropped >> 20)

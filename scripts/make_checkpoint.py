@@ -52,7 +52,32 @@ TINY = {
              "original_max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
              "rope_scaling": None, "sliding_window": 8, "tie_word_embeddings": False,
              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+    # head_dim 32 is not hidden_size / heads, as in Qwen3-4B and up.
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 320, "max_position_embeddings": 512,
+              "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "attention_bias": False,
+              "use_sliding_window": False, "sliding_window": None, "max_window_layers": 2,
+              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
+    # Six layers: five local (window 8, RoPE base 10000) and one global, as Gemma 3 interleaves them.
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 64,
+               "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+               "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 320, "max_position_embeddings": 512,
+               "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+               "rope_scaling": None, "sliding_window": 8,
+               "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+               "query_pre_attn_scalar": 32, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+               "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+    "smollm3": {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-6, "rope_theta": 5000000.0, "no_rope_layers": [1, 1, 1, 0],
+                "no_rope_layer_interval": 4, "use_sliding_window": False, "sliding_window": None,
+                "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
 }
+# Norms that multiply by (1 + weight): their weights are small and centred on 0.
+_OFFSET_NORMS = ("gemma3",)
 
 # microsoft/Phi-3-mini-4k-instruct's config.json (the fields that shape the model).
 PRESETS = {
@@ -78,10 +103,11 @@ def tensor_shapes(arch: str, config: dict) -> List[Tuple[str, Tuple[int, ...], s
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or h // heads
     q, kv = heads * head_dim, kv_heads * head_dim
+    norm = "offset_norm" if arch in _OFFSET_NORMS else "norm"
     out = [("model.embed_tokens.weight", (config["vocab_size"], h), "matrix")]
     for i in range(n_layers):
         p = f"model.layers.{i}"
-        out.append((f"{p}.input_layernorm.weight", (h,), "norm"))
+        out.append((f"{p}.input_layernorm.weight", (h,), norm))
         if arch == "phi3":
             out.append((f"{p}.self_attn.qkv_proj.weight", (q + 2 * kv, h), "matrix"))
         else:
@@ -92,10 +118,16 @@ def tensor_shapes(arch: str, config: dict) -> List[Tuple[str, Tuple[int, ...], s
                 out += [(f"{p}.self_attn.q_proj.bias", (q,), "bias"),
                         (f"{p}.self_attn.k_proj.bias", (kv,), "bias"),
                         (f"{p}.self_attn.v_proj.bias", (kv,), "bias")]
+        if arch in ("qwen3", "gemma3"):
+            out += [(f"{p}.self_attn.q_norm.weight", (head_dim,), norm),
+                    (f"{p}.self_attn.k_norm.weight", (head_dim,), norm)]
         out.append((f"{p}.self_attn.o_proj.weight", (h, q), "matrix"))
         if arch != "qwen2" and config.get("attention_bias"):
             out.append((f"{p}.self_attn.o_proj.bias", (h,), "bias"))
-        out.append((f"{p}.post_attention_layernorm.weight", (h,), "norm"))
+        out.append((f"{p}.post_attention_layernorm.weight", (h,), norm))
+        if arch == "gemma3":
+            out += [(f"{p}.pre_feedforward_layernorm.weight", (h,), norm),
+                    (f"{p}.post_feedforward_layernorm.weight", (h,), norm)]
         if arch == "phi3":
             out.append((f"{p}.mlp.gate_up_proj.weight", (2 * inter, h), "matrix"))
         else:
@@ -105,7 +137,7 @@ def tensor_shapes(arch: str, config: dict) -> List[Tuple[str, Tuple[int, ...], s
         if config.get("mlp_bias"):
             out += [(f"{p}.mlp.gate_proj.bias", (inter,), "bias"), (f"{p}.mlp.up_proj.bias", (inter,), "bias"),
                     (f"{p}.mlp.down_proj.bias", (h,), "bias")]
-    out.append(("model.norm.weight", (h,), "norm"))
+    out.append(("model.norm.weight", (h,), norm))
     if not config.get("tie_word_embeddings"):
         out.append(("lm_head.weight", (config["vocab_size"], h), "matrix"))
     return out
@@ -115,6 +147,8 @@ def _normal(rng: np.random.Generator, shape, kind: str) -> np.ndarray:
     """Values that keep a tiny random model numerically tame: unit-ish norms, 1/sqrt(fan_in) matrices."""
     if kind == "norm":
         return 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    if kind == "offset_norm":
+        return 0.1 * rng.standard_normal(shape, dtype=np.float32)
     if kind == "bias":
         return 0.1 * rng.standard_normal(shape, dtype=np.float32)
     return rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1]))
@@ -128,6 +162,8 @@ def _fast_bf16(rng: np.random.Generator, shape, kind: str) -> np.ndarray:
     sign = bits & np.uint16(0x8000)
     if kind == "norm":
         return (np.uint16(127 << 7) | mantissa).astype(np.uint16)  # [1, 2)
+    if kind == "offset_norm":
+        return (sign | (np.uint16(123) << 7) | mantissa).astype(np.uint16)  # +-[2^-4, 2^-3)
     exponent = (np.uint16(119) + ((bits >> 7) & np.uint16(3))) << 7  # 2^-8 .. 2^-5
     return (sign | exponent | mantissa).astype(np.uint16)
 
@@ -202,7 +238,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<
 
 def write_checkpoint(directory, arch: str, *, dtype: str = "f32", shards: int = 1, seed: int = 0,
                      preset: Optional[str] = None, **overrides) -> Path:
-    """Write a random checkpoint of ``arch`` (llama, mistral, qwen2, phi3) and return its path.
+    """Write a random checkpoint of ``arch`` (llama, mistral, qwen2, qwen3, phi3, gemma3, smollm3)
+    and return its path.
 
     ``overrides`` replace config.json fields (e.g. ``sliding_window=8``,
     ``rope_scaling={...}``); ``preset`` starts from a real model's config instead of the tiny one.

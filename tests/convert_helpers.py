@@ -26,7 +26,7 @@ F32_CPU = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 
 
 class _Checkpoint:
-    """The interface of ovchat.convert.sources.Checkpoint over a directory of safetensors."""
+    """The interface of ovchat.convert.checkpoint.Checkpoint over a directory of safetensors."""
 
     def __init__(self, path: Path):
         self.kind = "hf"
@@ -52,7 +52,7 @@ class _Checkpoint:
 def open_tiny(path: Path):
     """The checkpoint through ovchat's own reader (the Reference reads it through the
     independent adapter above instead)."""
-    from ovchat.convert.sources import open_checkpoint
+    from ovchat.convert.checkpoint import open_checkpoint
 
     return open_checkpoint(path)
 
@@ -76,13 +76,17 @@ def save_for_genai(model, checkpoint_dir: Path, out: Path) -> Path:
 
 # --- numpy reference ----------------------------------------------------------------------------
 
-def _inv_freq(config: dict, head_dim: int, seq_len: int) -> tuple:
-    """(inverse frequencies, cos/sin scale) as in transformers.modeling_rope_utils."""
-    rope = dict(config.get("rope_scaling") or {})
-    rope.update(config.get("rope_parameters") or {})
-    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+def _inv_freq(config: dict, dims: int, seq_len: int, *, theta: Optional[float] = None,
+              scaled: bool = True) -> tuple:
+    """(inverse frequencies, cos/sin scale) of ``dims`` rotary channels, as in
+    transformers.modeling_rope_utils; ``theta``/``scaled`` give Gemma 3's local RoPE."""
+    rope = dict(config.get("rope_scaling") or {}) if scaled else {}
+    nested = config.get("rope_parameters") or {}
+    if scaled:
+        rope.update(nested.get("full_attention", nested))
+    base = theta if theta is not None else rope.get("rope_theta", config.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
-    inv = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
+    inv = 1.0 / base ** (np.arange(0, dims, 2) / dims)
     if kind == "linear":
         return inv / rope["factor"], 1.0
     if kind == "llama3":
@@ -108,26 +112,55 @@ def _inv_freq(config: dict, head_dim: int, seq_len: int) -> tuple:
     return inv, 1.0
 
 
-class Reference:
-    """An incremental (KV-cached) forward pass in float64, mirroring Hugging Face's modeling code:
-    each ``forward`` call is one model call, as LongRoPE's short/long choice depends on the call."""
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
-    def __init__(self, checkpoint_dir: Path):
-        ckpt = _Checkpoint(checkpoint_dir)
-        self.config = c = ckpt.config
-        self.arch = c["model_type"]
-        self.w = {n: ckpt.get(n).to_float32().astype(np.float64) for n in ckpt.names()}
+
+class Reference:
+    """An incremental (KV-cached) forward pass in float64, mirroring Hugging Face's modeling code
+    of llama, mistral, qwen2, qwen3, phi3 (Phi-3, Phi-4-mini), gemma3 and smollm3: each
+    ``forward`` call is one model call, as LongRoPE's short/long choice depends on the call.
+
+    ``source``: a checkpoint directory, or a config dict with ``tensors`` (name -> array, in
+    Hugging Face names and layout).
+    """
+
+    def __init__(self, source, tensors: Optional[Dict[str, np.ndarray]] = None):
+        if tensors is None:
+            ckpt = _Checkpoint(source)
+            config, tensors = ckpt.config, {n: ckpt.get(n).to_float32() for n in ckpt.names()}
+        else:
+            config = source
+        self.config = c = config
+        self.arch = {"gemma3_text": "gemma3"}.get(c["model_type"], c["model_type"])
+        self.w = {n: np.asarray(t, dtype=np.float64) for n, t in tensors.items()}
         self.heads = c["num_attention_heads"]
         self.kv_heads = c.get("num_key_value_heads") or self.heads
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        rope = c.get("rope_parameters") or {}
+        self.rot_dims = int(self.head_dim * (rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0))
         self.eps = c["rms_norm_eps"]
         n = c["num_hidden_layers"]
-        if self.arch == "qwen2":  # windowed from layer max_window_layers on, when enabled
+        gemma = self.arch == "gemma3"
+        self.norm_offset = 1.0 if gemma else 0.0
+        self.embed_scale = math.sqrt(c["hidden_size"]) if gemma else 1.0
+        self.scale = (c.get("query_pre_attn_scalar") or self.head_dim) ** -0.5 if gemma else self.head_dim ** -0.5
+        self.softcap = c.get("final_logit_softcapping") if gemma else None
+        self.qk_norm = self.arch in ("qwen3", "gemma3")
+        if self.arch in ("qwen2", "qwen3"):  # windowed from layer max_window_layers on, when enabled
             on = c.get("use_sliding_window") and c.get("sliding_window")
             self.windows = [c["sliding_window"] if on and i >= c.get("max_window_layers", 0) else None
                             for i in range(n)]
+        elif gemma:
+            types = c.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                             for i in range(n)]
+            self.windows = [c["sliding_window"] if t == "sliding_attention" else None for t in types]
+        elif self.arch == "smollm3":
+            self.windows = [c.get("sliding_window") if c.get("use_sliding_window") else None] * n
         else:
             self.windows = [c.get("sliding_window")] * n
+        no_rope = c.get("no_rope_layers") if self.arch == "smollm3" else None
+        self.rotates = [bool(no_rope[i]) if no_rope else True for i in range(n)]
         self.reset()
 
     def reset(self):
@@ -136,19 +169,20 @@ class Reference:
         self.past = 0
 
     def _norm(self, x, name):
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.w[name]
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * (self.norm_offset + self.w[name])
 
     def _linear(self, x, name):
         y = x @ self.w[f"{name}.weight"].T
         return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
 
     def _rope(self, x, positions, inv, scale):
+        rot, rest = x[..., :self.rot_dims], x[..., self.rot_dims:]
         freqs = positions[:, None] * inv[None, :]
         emb = np.concatenate([freqs, freqs], axis=-1)
         cos, sin = np.cos(emb) * scale, np.sin(emb) * scale
-        half = x.shape[-1] // 2
-        rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rot * sin
+        half = rot.shape[-1] // 2
+        rotated = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+        return np.concatenate([rot * cos + rotated * sin, rest], axis=-1)
 
     def forward(self, ids) -> np.ndarray:
         """Logits [len(ids), vocab] for the next tokens of the (single) sequence."""
@@ -156,12 +190,17 @@ class Reference:
         ids = np.asarray(ids)
         n = len(ids)
         positions = np.arange(self.past, self.past + n, dtype=np.float64)
-        inv, scale = _inv_freq(c, self.head_dim, int(positions[-1]) + 1)
+        seq_len = int(positions[-1]) + 1
+        ropes = {"global": _inv_freq(c, self.rot_dims, seq_len)}
+        if self.arch == "gemma3":
+            local = (c.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+            ropes["local"] = _inv_freq(c, self.rot_dims, seq_len, scaled=False,
+                                       theta=local or c.get("rope_local_base_freq", 10000.0))
         total = self.past + n
         q_idx = positions[:, None]
         kv_idx = np.arange(total)[None, :]
         causal = kv_idx <= q_idx
-        x = w["model.embed_tokens.weight"][ids]
+        x = w["model.embed_tokens.weight"][ids] * self.embed_scale
         hd, rep = self.head_dim, self.heads // self.kv_heads
         for i in range(c["num_hidden_layers"]):
             p = f"model.layers.{i}"
@@ -171,31 +210,44 @@ class Reference:
                 q, k, v = np.split(qkv, [self.heads * hd, (self.heads + self.kv_heads) * hd], axis=-1)
             else:
                 q, k, v = (self._linear(h, f"{p}.self_attn.{t}_proj") for t in "qkv")
-            q = self._rope(q.reshape(n, self.heads, hd).transpose(1, 0, 2), positions, inv, scale)
-            k = self._rope(k.reshape(n, self.kv_heads, hd).transpose(1, 0, 2), positions, inv, scale)
+            q = q.reshape(n, self.heads, hd).transpose(1, 0, 2)
+            k = k.reshape(n, self.kv_heads, hd).transpose(1, 0, 2)
+            if self.qk_norm:
+                q, k = self._norm(q, f"{p}.self_attn.q_norm.weight"), self._norm(k, f"{p}.self_attn.k_norm.weight")
+            if self.rotates[i]:
+                inv, scale = ropes["local" if self.arch == "gemma3" and self.windows[i] else "global"]
+                q, k = self._rope(q, positions, inv, scale), self._rope(k, positions, inv, scale)
             v = v.reshape(n, self.kv_heads, hd).transpose(1, 0, 2)
             self.k[i] = k if self.k[i] is None else np.concatenate([self.k[i], k], axis=1)
             self.v[i] = v if self.v[i] is None else np.concatenate([self.v[i], v], axis=1)
             keys, values = np.repeat(self.k[i], rep, axis=0), np.repeat(self.v[i], rep, axis=0)
-            scores = q @ keys.transpose(0, 2, 1) / math.sqrt(hd)
+            scores = q @ keys.transpose(0, 2, 1) * self.scale
             visible = causal & (kv_idx > q_idx - self.windows[i]) if self.windows[i] else causal
             scores = np.where(visible[None], scores, -np.inf)
             probs = np.exp(scores - scores.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             ctx = (probs @ values).transpose(1, 0, 2).reshape(n, self.heads * hd)
-            x = x + self._linear(ctx, f"{p}.self_attn.o_proj")
-            h = self._norm(x, f"{p}.post_attention_layernorm.weight")
+            out = self._linear(ctx, f"{p}.self_attn.o_proj")
+            if self.arch == "gemma3":
+                x = x + self._norm(out, f"{p}.post_attention_layernorm.weight")
+                h = self._norm(x, f"{p}.pre_feedforward_layernorm.weight")
+            else:
+                x = x + out
+                h = self._norm(x, f"{p}.post_attention_layernorm.weight")
             if self.arch == "phi3":
                 gate, up = np.split(h @ w[f"{p}.mlp.gate_up_proj.weight"].T, 2, axis=-1)
             else:
                 gate, up = self._linear(h, f"{p}.mlp.gate_proj"), self._linear(h, f"{p}.mlp.up_proj")
-            x = x + self._linear(gate / (1 + np.exp(-gate)) * up, f"{p}.mlp.down_proj")
+            act = _gelu_tanh(gate) if self.arch == "gemma3" else gate / (1 + np.exp(-gate))
+            out = self._linear(act * up, f"{p}.mlp.down_proj")
+            x = x + (self._norm(out, f"{p}.post_feedforward_layernorm.weight") if self.arch == "gemma3" else out)
         x = self._norm(x, "model.norm.weight")
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
         if c.get("tie_word_embeddings"):
             head = w["model.embed_tokens.weight"]
         self.past = total
-        return x @ head.T
+        logits = x @ head.T
+        return self.softcap * np.tanh(logits / self.softcap) if self.softcap else logits
 
     def greedy(self, prompt, new_tokens: int) -> List[int]:
         self.reset()
@@ -274,7 +326,7 @@ def write_hf_checkpoint(directory: Path, config: dict, tensors: Dict[str, np.nda
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}))
     if tokenizer_from is not None:
-        from ovchat.convert.sources import open_checkpoint
+        from ovchat.convert.checkpoint import open_checkpoint
         from ovchat.convert.tokenizer import write_gguf_tokenizer_files
 
         write_gguf_tokenizer_files(open_checkpoint(tokenizer_from), directory)
@@ -296,7 +348,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def write_gguf(path: Path, arch: str, tensors: Dict[str, "tuple[np.ndarray, str]"],
                metadata: Optional[dict] = None, tokenizer_from: Optional[Path] = None) -> Path:
     """A GGUF file: ``tensors`` maps GGUF names to (float32 array, GGML type name); the array is
-    quantized to that type. ``metadata`` maps keys without the ``{arch}.`` prefix to values
+    quantized to that type (a uint8 array is taken as blocks already in that type's layout). ``metadata`` maps keys without the ``{arch}.`` prefix to values
     (ints become uint32, floats float32). ``tokenizer_from`` copies another GGUF's tokenizer.* keys."""
     import gguf
 
@@ -321,6 +373,8 @@ def write_gguf(path: Path, arch: str, tensors: Dict[str, "tuple[np.ndarray, str]
         qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
         if qtype_name in ("F32", "F16"):
             w.add_tensor(name, array.astype(np.float32 if qtype_name == "F32" else np.float16))
+        elif array.dtype == np.uint8:  # blocks already in the type's layout
+            w.add_tensor(name, array, raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype)
     w.write_header_to_file()

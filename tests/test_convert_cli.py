@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from ovchat.cli import main
 
-from convert_helpers import (copy_demo, demo_gguf, llama_gguf_from_hf, llama_tensors,  # noqa: F401
+from convert_helpers import (copy_demo, demo_gguf, llama_gguf_from_hf, llama_tensors, write_gguf,  # noqa: F401
                              tiny_llama_config, write_hf_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +57,18 @@ def _break(kind: str, tmp_path: Path, tiny_hf: Path, demo_gguf: Path) -> "tuple[
     import shutil
 
     src = tmp_path / "src"
+    if kind == "quant-gguf":  # a type the gguf package cannot read (llama.cpp's intermediate Q8_K)
+        import gguf
+
+        raw = np.zeros((64, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K][1]), np.uint8)
+        path = write_gguf(tmp_path / "m.gguf", "llama", {"token_embd.weight": (raw, "Q8_K")},
+                          {"block_count": 1, "embedding_length": 256, "attention.head_count": 4})
+        return path, "Q8_K"
     if kind.endswith("gguf"):
         config = tiny_llama_config(vocab_size=64)
-        qtype = "Q5_0" if kind == "quant-gguf" else "Q8_0"
-        path = llama_gguf_from_hf(tmp_path / "m.gguf", config, llama_tensors(config), qtype)
-        if kind == "truncated-gguf":
-            os.truncate(path, path.stat().st_size - 1000)
-            return path, "truncated"
-        return path, "Q5_0"
+        path = llama_gguf_from_hf(tmp_path / "m.gguf", config, llama_tensors(config), "Q8_0")
+        os.truncate(path, path.stat().st_size - 1000)
+        return path, "truncated"
     shutil.copytree(tiny_hf, src)
     if kind == "no-config":
         (src / "config.json").unlink()
@@ -250,18 +254,37 @@ def test_demo_fp16_greedy_tokens_match_genai(demo_gguf, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_int4_default_recipe_answers_paris(demo_gguf, tmp_path):
+def test_demo_default_keeps_its_q4_1_blocks_and_answers_paris(demo_gguf, tmp_path):
+    """The demo GGUF is already 4-bit: the default conversion keeps its blocks (no second
+    quantization), says so, and the model answers as the float weights do."""
     import openvino_genai
 
-    out = tmp_path / "int4"
+    from ovchat.devices import DeviceChoice, compile_properties
+
+    out = tmp_path / "kept"
     done = run_convert(demo_gguf, out)
     assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr and "int4_sym" in done.stderr  # the bitwidth table
+    assert "Traceback" not in done.stderr and "keeping the GGUF's own quantization" in done.stderr
+    assert "int4_asym, group size 32" in done.stderr  # Q4_1's blocks, in the bitwidth table
     assert done.stdout.strip() == str(out)
-    pipe = openvino_genai.LLMPipeline(str(out), "CPU")
-    history = openvino_genai.ChatHistory()
-    history.append({"role": "user", "content": "What is the capital of France?"})
+    manifest = json.loads((out / "ovchat.json").read_text())
+    assert manifest["recipe"]["weight_format"] == "keep"
+    assert manifest["kept"]["Q4_1"]["tensors"] == 210 and manifest["kept"]["Q8_0"]["tensors"] == 1
+    assert manifest["receipt"]["top1_agreement"] == 1.0  # the very weights of the GGUF
+    props = compile_properties(DeviceChoice("CPU", "test", False), None)
+    pipe = openvino_genai.LLMPipeline(str(out), "CPU", **props)
+    history = openvino_genai.ChatHistory([{"role": "user", "content": "What is the capital of France?"}])
     config = openvino_genai.GenerationConfig()
     config.max_new_tokens, config.do_sample = 32, False
-    reply = pipe.generate(history, config)
-    assert "Paris" in reply.texts[0]
+    assert "Paris" in pipe.generate(history, config).texts[0]
+
+
+@pytest.mark.slow
+def test_demo_int4_recipe_when_asked_quantizes_again_and_says_so(demo_gguf, tmp_path):
+    out = tmp_path / "int4"
+    done = run_convert(demo_gguf, out, "--weight-format", "int4", "--no-receipt")
+    assert done.returncode == 0, done.stderr
+    assert "already quantized" in done.stderr and "int4_sym" in done.stderr  # the warning, the table
+    manifest = json.loads((out / "ovchat.json").read_text())
+    assert manifest["recipe"]["weight_format"] == "int4" and manifest["kept"] == {}
+    assert "skipped" in manifest["receipt"]

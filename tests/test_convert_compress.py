@@ -14,7 +14,8 @@ from convert_helpers import F32_CPU, open_tiny, write_checkpoint
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from ovchat.convert.compress import Recipe, bitwidth_distribution, compress, format_distribution  # noqa: E402
+from ovchat.convert.compress import Recipe, bitwidth_distribution, compress  # noqa: E402
+from ovchat.render import format_distribution  # noqa: E402
 from ovchat.convert.models import build_model  # noqa: E402
 from ovchat.errors import OptionError  # noqa: E402
 
@@ -156,10 +157,18 @@ def test_bad_recipe_values_raise_option_error(bad):
         Recipe(**bad)
 
 
-def test_recipe_defaults_are_the_mission_recipe():
+def test_recipe_defaults_are_the_mission_recipe_for_float_sources_and_keep_for_quantized_ones():
     r = Recipe()
-    assert (r.weight_format, r.sym, r.group_size, r.ratio, r.group_size_fallback) == ("int4", True, 128, 0.6, "adjust")
-    assert r.mode == "int4_sym"
+    assert r.weight_format == "auto"
+    float_source = r.resolve(quantized_source=False)
+    assert (float_source.weight_format, float_source.sym, float_source.group_size, float_source.ratio,
+            float_source.group_size_fallback) == ("int4", True, 128, 0.6, "adjust")
+    assert float_source.mode == "int4_sym"
+    assert r.resolve(quantized_source=True).weight_format == "keep"
+    # A recipe named explicitly applies to a quantized source too; keep needs something to keep.
+    assert Recipe(weight_format="int4").resolve(quantized_source=True).weight_format == "int4"
+    with pytest.raises(OptionError, match="not quantized"):
+        Recipe(weight_format="keep").resolve(quantized_source=False)
     assert Recipe(group_size=-1).group_size == -1
 
 

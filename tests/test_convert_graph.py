@@ -49,10 +49,24 @@ CASES = {
     "phi3-bf16-sharded-window": dict(arch="phi3", dtype="bf16", shards=3, sliding_window=WINDOW),
     "phi3-longrope": dict(arch="phi3", rope_scaling=LONGROPE, max_position_embeddings=64,
                           original_max_position_embeddings=16, sliding_window=None),
+    # Phi-4-mini's shape: grouped-query heads, tied embeddings, 3/4 of each head rotating, LongRoPE.
+    "phi4-mini-like": dict(arch="phi3", num_key_value_heads=2, tie_word_embeddings=True, partial_rotary_factor=0.75,
+                           rope_scaling={**LONGROPE, "short_factor": LONGROPE["short_factor"][:6],
+                                         "long_factor": LONGROPE["long_factor"][:6]},
+                           max_position_embeddings=64, original_max_position_embeddings=16, sliding_window=None),
+    "qwen3": dict(arch="qwen3"),
+    "qwen3-bf16-window-upper-layers": dict(arch="qwen3", dtype="bf16", use_sliding_window=True, sliding_window=WINDOW,
+                                           max_window_layers=1),
+    "gemma3-window": dict(arch="gemma3", sliding_window=WINDOW),
+    "gemma3-bf16-scaled-softcap-linear": dict(arch="gemma3", dtype="bf16", sliding_window=WINDOW,
+                                              query_pre_attn_scalar=24, final_logit_softcapping=5.0,
+                                              rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "smollm3-nope": dict(arch="smollm3"),
 }
 # LLMPipeline runs (a few seconds each): one case per architecture and RoPE/window variant.
 PIPELINE_CASES = ["llama-bf16-sharded-tied-llama3", "mistral-window", "qwen2-bf16-window-upper-layers",
-                  "phi3-bf16-sharded-window", "phi3-longrope"]
+                  "phi3-bf16-sharded-window", "phi3-longrope", "phi4-mini-like", "qwen3-bf16-window-upper-layers",
+                  "gemma3-window", "gemma3-bf16-scaled-softcap-linear", "smollm3-nope"]
 PREFILL, TOTAL = 10, 20  # 20 > 16 (LongRoPE's switch) and > WINDOW
 
 

@@ -9,10 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from convert_helpers import (demo_gguf, llama_cpp_permute, llama_gguf_from_hf, llama_tensors,  # noqa: F401
+from convert_helpers import (demo_gguf, llama_cpp_permute, llama_gguf_from_hf, llama_tensors, write_gguf,  # noqa: F401
                              tiny_llama_config, write_gguf, write_hf_checkpoint)
 from ovchat.convert import safetensors
-from ovchat.convert.sources import open_checkpoint, unpermute_rows
+from ovchat.convert.checkpoint import open_checkpoint
+from ovchat.convert.gguf import unpermute_rows
 from ovchat.errors import CheckpointError, UnsupportedArchitectureError
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +197,16 @@ def test_gguf_raw_types_read(tmp_path, qtype):
     assert np.isfinite(expect).all()
 
 
-def test_gguf_unsupported_quant_type(tmp_path):
-    config = tiny_llama_config(vocab_size=64)
-    path = llama_gguf_from_hf(tmp_path / "m.gguf", config, llama_tensors(config), "Q5_0")
-    with pytest.raises(CheckpointError, match="Q5_0.*Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
+def test_gguf_type_the_gguf_package_cannot_read_is_a_clear_error(tmp_path):
+    """Q8_K (llama.cpp's intermediate type) has no dequantization in gguf: the error names the
+    tensor, its type and what is readable."""
+    import gguf
+
+    rows, size = 64, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K][1]
+    raw = np.zeros((rows, size), np.uint8)
+    path = write_gguf(tmp_path / "m.gguf", "llama", {"token_embd.weight": (raw, "Q8_K")},
+                      {"block_count": 1, "embedding_length": 256, "attention.head_count": 4})
+    with pytest.raises(CheckpointError, match=r"token_embd.weight has type Q8_K.*reads .*IQ2_XXS.*Q4_K.*Q5_0"):
         open_checkpoint(path)
 
 

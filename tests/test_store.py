@@ -36,9 +36,11 @@ def test_catalog_pull_list_info_run_and_rm(demo_model, tmp_path):
     assert "smollm2-135m" in listed_names()
     out = ok("list")
     row = next(l for l in out.splitlines() if l.startswith("smollm2-135m"))
-    assert "LlamaForCausalLM" in row and "int4_sym g128 r0.6" in row and "MB" in row
+    # The demo GGUF is Q4_1 with a Q8_0 embedding: its blocks are kept, not quantized again.
+    assert "LlamaForCausalLM" in row and "kept Q4_1+Q8_0" in row and "MB" in row
     info = " ".join(ok("info", "smollm2-135m").split())
-    assert "int4" in info and "chat template: yes" in info and "context length: 8192" in info
+    assert "weight_format=keep" in info and "chat template: yes" in info and "context length: 8192" in info
+    assert "Q4_1 210 tensors" in info and "receipt: top-1 agreement 100.0% with the float weights" in info
     assert "Paris" in ok("run", "-m", "smollm2-135m", "What is the capital of France?", "--max-new-tokens", "24")
     # pulling again is a no-op that says so; another source under the same name is refused
     again = run_ovchat("pull", "smollm2-135m")

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from ovchat.warmup import drop_weight_pages, weight_files
+from ovchat.pages import drop_file_pages
+from ovchat.warmup import weight_files
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -34,7 +35,7 @@ def test_read_only_mapping_pages_are_dropped_and_still_readable(tmp_path):
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         assert m[:] == data  # every page resident
         assert resident_kb(path.resolve()) >= len(data) // 1024
-        assert drop_weight_pages([path.resolve()]) >= len(data)
+        assert drop_file_pages([path.resolve()]) >= len(data)
         assert resident_kb(path.resolve()) == 0
         assert m[:] == data  # faulted back in, unchanged
 
@@ -45,7 +46,7 @@ def test_writable_private_mapping_is_never_touched(tmp_path):
     path.write_bytes(b"\0" * 8192)
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:
         m[:5] = b"hello"  # a private change that DONTNEED would lose
-        assert drop_weight_pages([path.resolve()]) == 0
+        assert drop_file_pages([path.resolve()]) == 0
         assert m[:5] == b"hello"
 
 

@@ -1,11 +1,12 @@
 """Checkpoint -> OpenVINO model conversion (torch-free). See the README's Architecture section.
 
-``convert()`` runs the stages in order: open the checkpoint (``sources``), build the float graph
-(``models``; a GGUF's is saved and read back memory-mapped), compress it (``compress``),
-convert the tokenizer (``tokenizer``), write config files and the ``ovchat.json`` manifest.
-Everything is written into a temporary directory beside OUTPUT and renamed into place only when
-complete, so an interrupted or failed conversion never leaves something at OUTPUT that looks like
-a model.
+``convert()`` runs the stages in order: open the checkpoint (``checkpoint``, ``hf``, ``gguf``),
+decide the recipe (a quantized GGUF keeps its own quantization unless a recipe is asked for),
+build the graph (``models``), compress it (``compress``) or keep the GGUF's blocks (``quants``),
+convert the tokenizer (``tokenizer``), measure the accuracy receipt (``receipt``), and write config
+files and the ``ovchat.json`` manifest. Everything is written into a temporary directory beside
+OUTPUT and moved into place only when complete, so an interrupted or failed conversion never
+leaves something at OUTPUT that looks like a model.
 """
 
 from __future__ import annotations
@@ -14,27 +15,24 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from ovchat.errors import CheckpointError, ConversionError, OutputExistsError
 from ovchat.interrupts import sigterm_as_interrupt
-from ovchat.modelfiles import sha256
+from ovchat.modelfiles import MANIFEST, MODEL_XML, TOKENIZER_FILES, install_directory, sha256
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 __all__ = ["convert", "Recipe", "MANIFEST", "read_manifest"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "ovchat.json"
-MANIFEST_VERSION = 1
-MODEL_XML = "openvino_model.xml"
+MANIFEST_VERSION = 2
 
 if TYPE_CHECKING:  # pragma: no cover
     from ovchat.convert.compress import Recipe
@@ -51,15 +49,17 @@ def __getattr__(name: str):
 
 
 def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = False,
-            progress: ProgressCallback = ignore) -> Path:
+            receipt: Optional[bool] = None, progress: ProgressCallback = ignore) -> Path:
     """Convert a Hugging Face directory, a .gguf file or a float OpenVINO IR into OUTPUT.
 
     OUTPUT becomes a directory that ``openvino_genai.LLMPipeline`` loads. An existing OUTPUT is
     refused unless ``force``; with ``force`` it is replaced only once the new model is complete.
-    Returns OUTPUT's path.
+    ``recipe``: by default a quantized GGUF keeps its quantization and anything else gets the int4
+    recipe (see ``Recipe``). ``receipt``: measure the converted model against the float weights
+    (True, False, or None: only where that fits this machine comfortably). Returns OUTPUT's path.
     """
+    from ovchat.convert.checkpoint import open_checkpoint
     from ovchat.convert.compress import Recipe
-    from ovchat.convert.sources import open_checkpoint
     from ovchat.convert.tokenizer import has_tokenizer
 
     recipe = recipe if recipe is not None else Recipe()
@@ -79,20 +79,23 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
     if checkpoint.kind == "ov" and not _ov_tokenizer_available(checkpoint.path):
         raise CheckpointError(f"{source_path} has neither openvino_tokenizer.xml nor tokenizer.json; "
                               "copy the model's tokenizer.json into it")
+    recipe = _resolve(recipe, checkpoint, progress)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    work = _work_directory(output)
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovchat-hash")
     try:
         with sigterm_as_interrupt():
             # Hashing the source is I/O bound and releases the GIL: it overlaps the build.
             hashes = hasher.submit(_hash_files, checkpoint.files)
-            bitwidths = _build_and_compress(checkpoint, work, recipe, progress)
+            built = _build_and_compress(checkpoint, work, recipe, progress)
             _write_tokenizer(checkpoint, work, progress)
             _write_configs(checkpoint, work)
+            measured = _receipt(checkpoint, work, built, receipt, progress)
+            shutil.rmtree(work / _FLOAT_DIR, ignore_errors=True)
             progress(Progress("save", "hashing the source files for the manifest"))
-            _write_manifest(work, checkpoint, recipe, bitwidths, hashes, started)
-            _install(work, output, progress)
+            _write_manifest(work, checkpoint, recipe, built, measured, hashes, started)
+            progress(Progress("save", f"moving the model into {output}"))
+            install_directory(work, output)
     except BaseException:
         # Interrupts included: the partial directory must never outlive the conversion.
         hasher.shutdown(wait=False, cancel_futures=True)
@@ -106,57 +109,123 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
 
 def read_manifest(model_dir) -> dict:
     """The ``ovchat.json`` manifest of a converted model directory."""
-    path = Path(model_dir).expanduser() / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent} has no {MANIFEST}; it was not written by `ovchat convert`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e}); convert the model again") from None
+    from ovchat.modelfiles import read_manifest as read
+
+    return read(Path(model_dir).expanduser())
 
 
 # ---------------------------------------------------------------------------------------------
 
+_FLOAT_DIR = ".float"  # the float IR of a GGUF, inside the work directory, kept for the receipt
+_PARTIAL = ".partial-"
 
-def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: ProgressCallback) -> dict:
+
+def _work_directory(output: Path) -> Path:
+    """A fresh directory beside OUTPUT (so the final rename stays on one file system), named
+    .OUTPUT.partial-PID-RANDOM: leftovers of a conversion that was killed are recognisable, and
+    removable once their process is gone (``modelfiles.remove_stale_partials``)."""
+    from ovchat.modelfiles import remove_stale_partials
+    import os
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(output.parent, f".{output.name}{_PARTIAL}")
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}{_PARTIAL}{os.getpid()}-", dir=output.parent))
+    except OSError as e:
+        raise ConversionError(f"cannot write beside {output} ({e.strerror}); choose an OUTPUT in a "
+                              "writable directory") from None
+
+
+def _resolve(recipe: "Recipe", checkpoint, progress: ProgressCallback) -> "Recipe":
+    """The recipe for this source; a quantized GGUF is kept unless a recipe was named."""
+    quantized = checkpoint.kind == "gguf" and checkpoint.is_quantized()
+    resolved = recipe.resolve(quantized_source=quantized, source=checkpoint.path)
+    if resolved.weight_format == "keep":
+        checkpoint.keep_quantized = True
+        progress(Progress("compress", "keeping the GGUF's own quantization (no second quantization; "
+                                      "--weight-format int4 would quantize it again)"))
+    elif quantized:
+        progress(Progress("compress", f"the GGUF is already quantized: --weight-format {resolved.weight_format} "
+                                      "dequantizes it and quantizes it again, which loses accuracy; the "
+                                      "default keeps it as it is"))
+    return resolved
+
+
+@dataclasses.dataclass
+class _Built:
+    """What building left for the later stages."""
+
+    bitwidths: dict
+    kept: Dict[str, dict]
+    runtime_options: Dict[str, str]
+    reference: Callable[[], object]  # builds the float model the receipt compares against
+
+
+def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: ProgressCallback) -> _Built:
     import openvino as ov
 
     from ovchat.convert.compress import compress
 
     core = ov.Core()
-    float_dir = None
     if checkpoint.kind == "ov":
         _refuse_compressed(checkpoint.xml)
         progress(Progress("read", f"reading {checkpoint.xml}"))
         model = core.read_model(checkpoint.xml)
+        reference: Callable[[], object] = lambda: core.read_model(checkpoint.xml)  # noqa: E731
     else:
+        from ovchat.convert.checkpoint import open_checkpoint
         from ovchat.convert.models import build_model
 
         progress(Progress("build", f"building the {checkpoint.architecture} graph"))
         model = build_model(checkpoint, progress=progress)
+        path = checkpoint.path
+        reference = lambda: build_model(open_checkpoint(path))  # noqa: E731
         # A Hugging Face model is compressed as built: its Constants share the memory-mapped
         # safetensors, whose pages compress() drops after each NNCF step, so a float IR round
         # trip would only add a full write and read of the weights. The model object holds the
         # arrays its Constants share (build_model): it must live until it is saved below.
-        if checkpoint.kind == "gguf":
-            # GGUF weights are dequantized into ordinary memory that nothing can drop while the
+        if checkpoint.kind == "gguf" and recipe.weight_format != "keep":
+            # Dequantized GGUF weights sit in ordinary memory that nothing can drop while the
             # model holds it: save the float IR, free the graph with its arrays and the GGUF
             # pages read while dequantizing, and compress the IR read back memory-mapped.
-            float_dir = work / ".float"
+            float_xml = work / _FLOAT_DIR / MODEL_XML
             progress(Progress("save", "saving the float model"))
-            ov.save_model(model, float_dir / MODEL_XML, compress_to_fp16=False)
+            ov.save_model(model, float_xml, compress_to_fp16=False)
             del model
             gc.collect()
             checkpoint.drop_weight_pages()
-            model = core.read_model(float_dir / MODEL_XML)
+            model = core.read_model(float_xml)
+            reference = lambda: core.read_model(float_xml)  # noqa: E731
+    kept = _kept_summary(checkpoint, progress)
     model, bitwidths = compress(model, recipe, progress=progress)
+    runtime_options = {}
+    if recipe.weight_format == "fp16":
+        # As optimum-cli does for fp16 exports: the CPU's default u8 KV cache would cost more
+        # accuracy than the weights keep (decode logits off by ~1e-2 instead of ~4e-4).
+        runtime_options["KV_CACHE_PRECISION"] = "f16"
+    for key, value in runtime_options.items():
+        model.set_rt_info(value, ["runtime_options", key])
     progress(Progress("save", "saving the model"))
-    ov.save_model(model, work / MODEL_XML)
+    # Kept weights carry float32 scales and zero points that an f16 copy would round.
+    ov.save_model(model, work / MODEL_XML, compress_to_fp16=recipe.weight_format != "keep")
     del model
     gc.collect()
-    if float_dir is not None:
-        shutil.rmtree(float_dir)
-    return bitwidths
+    return _Built(bitwidths, kept, runtime_options, reference)
+
+
+def _kept_summary(checkpoint, progress: ProgressCallback) -> Dict[str, dict]:
+    """Per GGUF type, how many tensors kept their form and which; said on progress where a type
+    had no exact form (such tensors are stored as f16, which costs size, not accuracy)."""
+    summary: Dict[str, dict] = {}
+    for name, (qtype, form) in getattr(checkpoint, "forms", {}).items():
+        row = summary.setdefault(qtype, {"tensors": 0, "parameters": 0, "form": form})
+        row["tensors"] += 1
+        row["parameters"] += checkpoint.element_count(name)
+    for qtype, row in summary.items():
+        if row["form"].startswith("f16"):
+            progress(Progress("compress", f"{row['tensors']} {qtype} tensors have no exact compressed form in "
+                                          "OpenVINO: stored as f16 (exact to f16 rounding, 2 bytes a weight)"))
+    return summary
 
 
 def _refuse_compressed(xml: Path) -> None:
@@ -174,11 +243,11 @@ def _refuse_compressed(xml: Path) -> None:
 
 
 def _ov_tokenizer_available(path: Path) -> bool:
-    return (path / "openvino_tokenizer.xml").is_file() or (path / "tokenizer.json").is_file()
+    return (path / TOKENIZER_FILES[0]).is_file() or (path / "tokenizer.json").is_file()
 
 
 def _write_tokenizer(checkpoint, work: Path, progress: ProgressCallback) -> None:
-    from ovchat.convert.tokenizer import TOKENIZER_FILES, convert_tokenizer
+    from ovchat.convert.tokenizer import convert_tokenizer
 
     if checkpoint.kind == "ov" and all((checkpoint.path / f).is_file() for f in TOKENIZER_FILES):
         progress(Progress("tokenizer", "copying the tokenizer"))
@@ -200,13 +269,37 @@ def _write_configs(checkpoint, work: Path) -> None:
             shutil.copy2(checkpoint.path / name, work / name)
 
 
+def _receipt(checkpoint, work: Path, built: _Built, wanted: Optional[bool], progress: ProgressCallback) -> dict:
+    """The accuracy receipt (see ovchat.convert.receipt), or why there is none."""
+    from ovchat.convert import receipt
+
+    parameters = checkpoint.parameter_count()
+    if wanted is False:
+        return {"skipped": "not asked for (--no-receipt)"}
+    if wanted is None and not receipt.fits(parameters):
+        return {"skipped": f"{parameters / 1e9:.1f}B weights: auto measures models up to "
+                           f"{receipt.AUTO_MAX_PARAMETERS / 1e9:.0f}B that fit in memory several times "
+                           "(--receipt measures it anyway)"}
+    progress(Progress("receipt", f"measuring the accuracy receipt: the converted model against the float "
+                                 f"weights over {receipt.MAX_TOKENS} tokens of text"))
+    try:
+        measured = receipt.measure(work / MODEL_XML, built.reference, work)
+    except (RuntimeError, MemoryError) as e:
+        from ovchat.errors import summary
+
+        return {"skipped": f"could not be measured: {summary(e)}"}
+    progress(Progress("receipt", f"receipt: top-1 agreement {100 * measured.top1_agreement:.1f}%, mean KL "
+                                 f"divergence {measured.mean_kl:.3g} against the float weights"))
+    return measured.as_dict()
+
+
 def _hash_files(files: List[Path]) -> Dict[str, str]:
     return {str(f): sha256(f) for f in files}
 
 
 def _versions() -> Dict[str, Optional[str]]:
     out = {}
-    for dist in ("openvino", "openvino-genai", "openvino-tokenizers", "nncf", "ovchat"):
+    for dist in ("openvino", "openvino-genai", "openvino-tokenizers", "nncf", "gguf", "ovchat"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -214,8 +307,8 @@ def _versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def _write_manifest(work: Path, checkpoint, recipe: "Recipe", bitwidths: dict, hashes: "Future[Dict[str, str]]",
-                    started: float) -> None:
+def _write_manifest(work: Path, checkpoint, recipe: "Recipe", built: _Built, measured: dict,
+                    hashes: "Future[Dict[str, str]]", started: float) -> None:
     config = checkpoint.config or {}
     outputs = sorted(f for f in work.iterdir() if f.is_file() and f.name != MANIFEST)
     manifest = {
@@ -231,8 +324,13 @@ def _write_manifest(work: Path, checkpoint, recipe: "Recipe", bitwidths: dict, h
         "architecture": checkpoint.architecture or None,
         "model_type": config.get("model_type"),
         "context_length": config.get("max_position_embeddings"),
-        "recipe": dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else dict(vars(recipe)),
-        "bitwidth_distribution": bitwidths,
+        "parameters": checkpoint.parameter_count(),
+        "recipe": dataclasses.asdict(recipe),
+        "bitwidth_distribution": built.bitwidths,
+        # GGUF type -> tensors and weights that kept their source form, and that form.
+        "kept": built.kept,
+        "runtime_options": built.runtime_options,
+        "receipt": measured,
         "versions": _versions(),
         # The output's own files, so that damage to the converted model can be detected later.
         "files": {f.name: {"size": f.stat().st_size, "sha256": digest}
@@ -240,24 +338,3 @@ def _write_manifest(work: Path, checkpoint, recipe: "Recipe", bitwidths: dict, h
     }
     manifest["conversion_seconds"] = round(time.time() - started, 2)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def _install(work: Path, output: Path, progress: ProgressCallback) -> None:
-    """Rename the complete model into place, replacing an older OUTPUT only at the last moment."""
-    progress(Progress("save", f"moving the model into {output}"))
-    old = None
-    if output.exists() or output.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.rmdir(old)
-        os.replace(output, old)
-    try:
-        os.replace(work, output)
-    except OSError as e:
-        if old is not None:
-            os.replace(old, output)
-        raise ConversionError(f"could not move the converted model into {output} ({e}); check permissions") from None
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()

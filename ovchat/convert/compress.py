@@ -1,9 +1,12 @@
 """Weight compression with NNCF: the recipe, its validation, and the resulting bitwidth table.
 
-The default recipe is the mission's (``optimum-cli export openvino --weight-format int4 --sym
---group-size 128 --ratio 0.6``): without a dataset NNCF keeps embeddings and the last MatMul in
-the backup precision (int8_asym) and puts ``ratio`` of the remaining weights, by parameter count,
-in int4, choosing layers by weight quantization error.
+The recipe for float sources is the mission's (``optimum-cli export openvino --weight-format int4
+--sym --group-size 128 --ratio 0.6``): without a dataset NNCF keeps embeddings and the last MatMul
+in the backup precision (int8_asym) and puts ``ratio`` of the remaining weights, by parameter
+count, in int4, choosing layers by weight quantization error. A source that is already quantized
+(a GGUF in Q4_K_M, say) keeps its own quantization by default (``keep``, see
+``ovchat.convert.quants``): quantizing it again would only lose accuracy; a recipe named
+explicitly still applies, as llama.cpp's ``llama-quantize --allow-requantize`` would.
 
 NNCF normally prints its progress bars and tables to stdout; a library must not, so for the
 duration of ``compress`` its progress bars are routed to the progress callback and its log
@@ -13,29 +16,36 @@ records to this module's logger.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import openvino as ov
 
+from ovchat import pages
 from ovchat.errors import OptionError
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FORMATS = ("int4", "int8", "fp16")
+WEIGHT_FORMATS = ("auto", "keep", "int4", "int8", "fp16")
 GROUP_SIZE_FALLBACKS = ("adjust", "ignore", "error")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """How to store the weights. ``group_size`` and ``ratio`` apply to int4 only; ``group_size``
-    -1 means one group per output channel."""
+    -1 means one group per output channel.
 
-    weight_format: str = "int4"
+    ``weight_format``: ``auto`` (the default) is ``keep`` for an already-quantized GGUF and
+    ``int4`` for everything else; ``keep`` holds a quantized GGUF's blocks exactly as they are;
+    ``int4``, ``int8`` and ``fp16`` are NNCF's recipes (applied after dequantizing a quantized
+    source). ``resolve`` turns ``auto`` into one of the others once the source is known.
+    """
+
+    weight_format: str = "auto"
     sym: bool = True
     group_size: int = 128
     ratio: float = 0.6
@@ -56,17 +66,31 @@ class Recipe:
             raise OptionError(f"group size fallback {self.group_size_fallback!r} is unknown; use one of "
                               f"{', '.join(GROUP_SIZE_FALLBACKS)}")
 
+    def resolve(self, *, quantized_source: bool, source: object = "the source") -> "Recipe":
+        """The recipe that applies to a source: ``auto`` decided, ``keep`` checked."""
+        if self.weight_format == "auto":
+            return dataclasses.replace(self, weight_format="keep" if quantized_source else "int4")
+        if self.weight_format == "keep" and not quantized_source:
+            raise OptionError(f"{source} is not quantized, so there is no quantization to keep; use "
+                              "--weight-format auto (int4) or int4, int8 or fp16")
+        return self
+
     @property
     def mode(self) -> str:
         """NNCF's name of the primary mode, e.g. ``int4_sym``; ``fp16`` for no compression."""
-        if self.weight_format == "fp16":
-            return "fp16"
+        if self.weight_format in ("fp16", "keep", "auto"):
+            return self.weight_format
         return f"{self.weight_format}_{'sym' if self.sym else 'asym'}"
 
     def describe(self) -> str:
         if self.weight_format == "int4":
             return (f"int4 {'sym' if self.sym else 'asym'}, group size {self.group_size}, ratio {self.ratio:g}, "
                     f"int8_asym backup, group-size fallback {self.group_size_fallback}")
+        if self.weight_format == "keep":
+            return "keep the source's own quantization (no second quantization)"
+        if self.weight_format == "auto":
+            return ("auto: a quantized GGUF keeps its own quantization, anything else gets int4 sym, group size "
+                    f"{self.group_size}, ratio {self.ratio:g}")
         return self.mode
 
 
@@ -77,6 +101,10 @@ def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ig
     ``fp16`` nothing is quantized: bf16 weights become f16 here, f32 weights when the model is
     saved with ``compress_to_fp16=True`` (``openvino.save_model``'s default).
     """
+    recipe = recipe.resolve(quantized_source=recipe.weight_format == "keep")  # auto, on float weights: int4
+    if recipe.weight_format == "keep":
+        # Nothing to compress: a kept GGUF's weights arrive compressed (ovchat.convert.quants).
+        return model, bitwidth_distribution(model)
     mapped = _MappedWeights(model)
     if recipe.weight_format == "fp16":
         _bf16_to_f16(model, after_each=mapped.release)
@@ -108,8 +136,8 @@ def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ig
     model = compressed
     distribution = bitwidth_distribution(model)
     _report_fallback(distribution, recipe, progress)
-    for line in format_distribution(distribution).splitlines():
-        log.info("%s", line)
+    for label, row in distribution.items():
+        log.info("%s: %.1f%% of the weights (%d layers)", label, row["parameters_percent"], row["layers"])
     return model, distribution
 
 
@@ -191,16 +219,6 @@ def bitwidth_distribution(model: ov.Model, *, float_as: Optional[str] = None) ->
     return dict(sorted(out.items(), key=lambda kv: (kv[0].startswith("int"), kv[0].startswith("int4"), kv[0])))
 
 
-def format_distribution(distribution: Dict[str, dict]) -> str:
-    """NNCF's bitwidth table as plain text lines."""
-    lines = [f"{'Weight compression mode':<28} {'% all parameters (layers)':<28} % ratio-defining parameters (layers)"]
-    for label, row in distribution.items():
-        share = f"{row['parameters_percent']:5.1f}% ({row['layers']})"
-        lines.append(f"{label:<28} {share:<28} {row['ratio_defining_parameters_percent']:5.1f}% "
-                     f"({row['ratio_defining_layers']})")
-    return "\n".join(lines)
-
-
 def _weight_constant(value: ov.Output) -> Optional[ov.Node]:
     """The Constant a weight input comes from, or None if the input is computed at run time."""
     node = value.get_node()
@@ -246,15 +264,11 @@ class _MappedWeights:
     """The float weights that are memory-mapped read-only from a file (an IR read back from disk,
     or a checkpoint's safetensors), so that their pages can be dropped as NNCF goes.
 
-    NNCF reads every float weight twice (sensitivity, then compression). The kernel keeps each
-    page it touched mapped into this process until memory runs short, so a 7.6 GB checkpoint would
-    show up whole in the resident set next to the compressed weights. Dropping (MADV_DONTNEED)
-    clean, read-only file pages after each step loses nothing: a later access reads them again
-    from the page cache or the file. Anonymous memory is never touched. Linux only; elsewhere a
-    no-op.
+    NNCF reads every float weight twice (sensitivity, then compression); each page it touched
+    would stay in the resident set next to the compressed weights (see ovchat.pages), so a 7.6 GB
+    checkpoint would show up whole. Only weights inside read-only file mappings are tracked.
     """
 
-    _MADV_DONTNEED = 4
     _MIN_BYTES = 1 << 20
 
     def __init__(self, model: ov.Model):
@@ -262,17 +276,10 @@ class _MappedWeights:
         # Each array's base is its Constant, which holds the mapping: while they are held here no
         # range can be unmapped and reused for other memory, which DONTNEED would wipe.
         self._held: List[np.ndarray] = []
-        self._madvise = None
-        try:
-            maps = _read_only_file_mappings()
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            madvise = libc.madvise
-        except (OSError, AttributeError):
+        self._madvise = pages.madvise()
+        if self._madvise is None:
             return
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self._madvise = madvise
-        page = os.sysconf("SC_PAGE_SIZE")
+        maps = [(start, start + length) for start, length in pages.read_only_mappings()]
         for op in model.get_ordered_ops():
             if op.get_type_name() != "Constant" or op.get_element_type().get_type_name() not in _FLOAT_NAMES:
                 continue
@@ -280,27 +287,14 @@ class _MappedWeights:
             start, end = data.ctypes.data, data.ctypes.data + data.nbytes
             if data.nbytes < self._MIN_BYTES or not any(lo <= start and end <= hi for lo, hi in maps):
                 continue
-            start, end = -(-start // page) * page, end // page * page  # whole pages inside the weight
-            if end > start:
-                self._ranges.append((start, end - start))
+            start, length = pages.inner_pages(start, end)
+            if length:
+                self._ranges.append((start, length))
                 self._held.append(data)
 
     def release(self) -> None:
-        for start, length in self._ranges:
-            self._madvise(start, length, self._MADV_DONTNEED)
-
-
-def _read_only_file_mappings() -> List[Tuple[int, int]]:
-    """Address ranges of this process's read-only mappings of regular files."""
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or "w" in fields[1] or not fields[5].startswith("/"):
-                continue
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((lo, hi))
-    return ranges
+        if self._madvise is not None:
+            pages.drop_ranges(self._ranges, self._madvise)
 
 
 # --- keeping NNCF off stdout ----------------------------------------------------------------------
@@ -372,4 +366,4 @@ def _nncf_quiet(progress: ProgressCallback, after_step: Callable[[], None]) -> I
             nncf_logger.addHandler(h)
 
 
-__all__ = ["Recipe", "compress", "bitwidth_distribution", "format_distribution"]
+__all__ = ["Recipe", "compress", "bitwidth_distribution"]

@@ -2,7 +2,7 @@
 
 Tools that only read Hugging Face checkpoints (``optimum-cli export openvino``, transformers)
 can then work on exactly the weights ovchat converts from a GGUF: the tensors come from
-``sources.open_checkpoint`` (dequantized to f16, Q/K rows back in Hugging Face order), the
+``checkpoint.open_checkpoint`` (dequantized to f16, Q/K rows back in Hugging Face order), the
 config is the one ovchat derives from the GGUF metadata, and the tokenizer is the equivalent
 ``tokenizer.json`` ovchat builds from ``tokenizer.ggml.*``. ``scripts/bench_peers.py`` uses it
 to give optimum the same model as ovchat.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Dict, List
 
 from ovchat.convert import safetensors
 from ovchat.errors import CheckpointError, OutputExistsError
+from ovchat.modelfiles import install_directory
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def export_hf(source, output, *, force: bool = False, shard_bytes: int = SHARD_B
     ``output`` and renamed into place only when complete; an existing ``output`` is refused
     unless ``force``.
     """
-    from ovchat.convert.sources import open_checkpoint
+    from ovchat.convert.checkpoint import open_checkpoint
     from ovchat.convert.tokenizer import write_gguf_tokenizer_files
 
     output = Path(output).expanduser().absolute()
@@ -59,9 +59,7 @@ def export_hf(source, output, *, force: bool = False, shard_bytes: int = SHARD_B
             json.dumps(checkpoint.generation_config or {}, indent=2) + "\n", encoding="utf-8")
         progress(Progress("tokenizer", "writing tokenizer.json"))
         write_gguf_tokenizer_files(checkpoint, tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        install_directory(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,14 +1,15 @@
 """Building blocks of a decoder-only transformer as an OpenVINO graph.
 
 The shapes here are not arbitrary: each block is written in the form that the CPU plugin fuses
-(``RMS``, ``RoPE``, ``ScaledDotProductAttentionWithKVCache``) and that GenAI's
-``SDPAToPagedAttention`` pass rewrites into paged attention. See
-shared/notes/openvino-model-contract.md for the patterns; a change of op order here can silently
-cost a fusion, so tests/test_convert_graph.py compiles a model and checks the fused layer types.
+(``RMS``, ``RoPE``, ``ScaledDotProductAttentionWithKVCache``, compressed ``FullyConnected``) and
+that GenAI's ``SDPAToPagedAttention`` pass rewrites into paged attention. A change of op order here
+can silently cost a fusion, so tests/test_convert_graph.py compiles a model and checks the fused
+layer types, and that the paged-attention pass keeps each layer's sliding window.
 
-Weights stay in their stored precision (f32, f16 or bf16 Constants that share the checkpoint's
-memory where it is contiguous) and are widened by a ``Convert`` that the plugin folds into its
-consumer, and that NNCF recognises as a float weight to compress.
+Float weights stay in their stored precision (f32, f16 or bf16 Constants that share the
+checkpoint's memory where it is contiguous) and are widened by a ``Convert`` that the plugin folds
+into its consumer, and that NNCF recognises as a float weight to compress. Weights kept from a
+quantized GGUF arrive already in NNCF's compressed form (see ``weight``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import openvino as ov
 import openvino.opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
-from ovchat.convert.safetensors import Weight
+from ovchat.convert.tensors import QuantizedWeight, Weight
 from ovchat.errors import CheckpointError, UnsupportedArchitectureError
 
 _FLOAT_TYPES = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16}
+_FOUR_BIT = {"u4": ov.Type.u4, "i4": ov.Type.i4}
 _INT64_MAX = np.iinfo(np.int64).max
 # Additive mask value: finite so a row with no visible key (a padded query) gives a uniform
 # softmax rather than NaN.
@@ -98,10 +100,13 @@ def constant(w: Weight, name: str) -> ov.Node:
         raise CheckpointError(f"tensor {name} has dtype {w.dtype}; only f32, f16 and bf16 weights can be converted")
     shared = w.array.flags.c_contiguous
     tensor = ov.Tensor(np.ascontiguousarray(w.array), list(w.array.shape), _FLOAT_TYPES[w.dtype])
-    const = ops.constant(tensor, shared_memory=shared)
-    const.set_friendly_name(name)
-    const.output(0).set_names({name})
-    return const
+    return _named(ops.constant(tensor, shared_memory=shared), name)
+
+
+def _named(node: ov.Node, name: str) -> ov.Node:
+    node.set_friendly_name(name)
+    node.output(0).set_names({name})
+    return node
 
 
 def as_f32(const: ov.Node) -> ov.Output:
@@ -111,42 +116,98 @@ def as_f32(const: ov.Node) -> ov.Output:
     return ops.convert(const, ov.Type.f32).output(0)
 
 
-def weight(w: Weight, name: str) -> ov.Output:
+def _decompressed(w: QuantizedWeight, name: str) -> ov.Output:
+    """A kept GGUF weight as f32: Constant(q) -> Convert -> [Subtract(zero point)] ->
+    Multiply(scale) -> Reshape [rows, cols] (-> Convert to f32 after an f16 scale).
+
+    This is the chain NNCF writes for its own compressed weights, so the CPU plugin fuses it
+    into a compressed FullyConnected (or Gather) that keeps the integers as they are; a
+    Multiply followed by an Add of the offset would not fuse and would be unpacked to f32 at
+    load. The integers are copied into the Constant (packed two to a byte for 4-bit types).
+    """
+    if w.element in ("u8", "i8"):
+        q = _named(ops.constant(w.packed(), shared_memory=False), name)
+    else:  # a 4-bit Tensor is built from its packed bytes: two values a byte, low nibble first
+        q = _named(ops.constant(ov.Tensor(w.packed(), list(w.q.shape), _FOUR_BIT[w.element]), shared_memory=False),
+                   name)
+    scale_type = ov.Type.f16 if w.scale.dtype == np.float16 else ov.Type.f32
+    x = ops.convert(q, scale_type)
+    if w.zero_point is not None:
+        x = ops.subtract(x, _named(ops.constant(w.zero_point.astype(np.float32)), f"{name}/zero_point"))
+    x = ops.multiply(x, _named(ops.constant(w.scale), f"{name}/scale"))
+    x = ops.reshape(x, _i64(list(w.shape)), special_zero=False)
+    return x.output(0) if scale_type == ov.Type.f32 else ops.convert(x, ov.Type.f32).output(0)
+
+
+def weight(w: "Weight | QuantizedWeight", name: str) -> ov.Output:
+    """The weight as an f32 value for MatMul or Gather: float weights through a Convert, kept
+    GGUF weights through their decompression."""
+    if isinstance(w, QuantizedWeight):
+        return _decompressed(w, name)
     return as_f32(constant(w, name))
 
 
-def linear(x: ov.Output, w: "Weight | ov.Node", name: str, bias: Optional[Weight] = None) -> ov.Output:
+def linear(x: ov.Output, w: "Weight | QuantizedWeight | ov.Output", name: str,
+           bias: Optional[Weight] = None) -> ov.Output:
     """x @ W.T with W as stored by Hugging Face ([out, in]), the layout NNCF compresses per row.
 
-    ``w`` may be an existing Constant (tied embeddings share one)."""
-    w_f32 = as_f32(w) if isinstance(w, ov.Node) else weight(w, f"{name}.weight")
+    ``w`` may be an existing weight value (tied embeddings share the table's)."""
+    w_f32 = w if isinstance(w, ov.Output) else weight(w, f"{name}.weight")
     y = ops.matmul(x, w_f32, transpose_a=False, transpose_b=True, name=name)
     if bias is not None:
         y = ops.add(y, weight(bias, f"{name}.bias"))
     return y.output(0)
 
 
-def embedding(input_ids: ov.Node, table: ov.Output, name: str) -> ov.Output:
-    return ops.gather(table, input_ids, _i64(0), name=name).output(0)
+def embedding(input_ids: ov.Node, table: ov.Output, name: str, scale: Optional[float] = None) -> ov.Output:
+    """Rows of ``table`` for ``input_ids``; Gemma multiplies them by sqrt(hidden_size)."""
+    x = ops.gather(table, input_ids, _i64(0), name=name)
+    return (x if scale is None else ops.multiply(x, _f32(scale))).output(0)
+
+
+def softcap(logits: ov.Output, cap: float) -> ov.Output:
+    """cap * tanh(logits / cap), as Divide -> Tanh -> Multiply: the one form after the lm_head
+    MatMul that GenAI still sees through when it slices prefill logits to the last token."""
+    return ops.multiply(ops.tanh(ops.divide(logits, _f32(cap))), _f32(cap)).output(0)
 
 
 # --- normalisation and MLP ----------------------------------------------------------------------
 
-def rms_norm(x: ov.Output, gamma: Weight, eps: float, name: str) -> ov.Output:
-    """x / sqrt(mean(x^2) + eps) * gamma, op for op as the CPU plugin's RMS fusion expects."""
+def rms_norm(x: ov.Output, gamma: Weight, eps: float, name: str, offset: float = 0.0) -> ov.Output:
+    """x / sqrt(mean(x^2) + eps) * (offset + gamma), op for op as the CPU plugin's RMS fusion
+    expects. Gemma's norms multiply by 1 + gamma: that sum is taken here, in numpy."""
+    if offset:
+        # A new array, which no caller holds: the Constant gets its own copy.
+        scale = _named(ops.constant((gamma.to_float32().astype(np.float64) + offset).astype(np.float32)),
+                       f"{name}.weight").output(0)
+    else:
+        scale = weight(gamma, f"{name}.weight")
     var = ops.reduce_mean(ops.power(x, _f32(2.0)), _i64([-1]), keep_dims=True)
     inv = ops.divide(_f32(1.0), ops.sqrt(ops.add(var, _f32(eps))))
-    return ops.multiply(ops.multiply(x, inv), weight(gamma, f"{name}.weight"), name=name).output(0)
+    return ops.multiply(ops.multiply(x, inv), scale, name=name).output(0)
 
 
-def swiglu(x: ov.Output, w: Mapping[str, Weight], name: str) -> ov.Output:
-    """down(silu(gate(x)) * up(x)); ``w`` maps gate/up/down (and optional ``<p>_bias``) to weights."""
+def gated_mlp(x: ov.Output, w: Mapping[str, Weight], name: str, activation: str = "silu") -> ov.Output:
+    """down(act(gate(x)) * up(x)); ``w`` maps gate/up/down (and optional ``<p>_bias``) to weights.
+    ``activation``: silu (SwiGLU: Llama, Qwen, Phi) or gelu_tanh (GeGLU: Gemma)."""
     g = linear(x, w["gate"], f"{name}.gate_proj", w.get("gate_bias"))
     u = linear(x, w["up"], f"{name}.up_proj", w.get("up_bias"))
-    return linear(ops.multiply(ops.swish(g), u).output(0), w["down"], f"{name}.down_proj", w.get("down_bias"))
+    act = ops.swish(g) if activation == "silu" else ops.gelu(g, approximation_mode="tanh")
+    return linear(ops.multiply(act, u).output(0), w["down"], f"{name}.down_proj", w.get("down_bias"))
 
 
 # --- rotary position embedding ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rotary:
+    """cos and sin [B, 1, L, dims] for one RoPE, computed once and shared by the layers using it.
+    ``dims`` < head_dim is a partial rotary embedding (Phi-4-mini): only the first ``dims``
+    channels of each head rotate."""
+
+    cos: ov.Output
+    sin: ov.Output
+    dims: int
+
 
 @dataclass(frozen=True)
 class Rope:
@@ -164,25 +225,33 @@ class Rope:
     SUPPORTED = ("default", "linear", "llama3", "longrope")
 
     @classmethod
-    def from_config(cls, config: dict, head_dim: int) -> "Rope":
+    def from_config(cls, config: dict, head_dim: int, *, theta: Optional[float] = None,
+                    scaled: bool = True) -> "Rope":
         """Read RoPE settings from either config style: ``rope_theta`` + ``rope_scaling`` or the
-        newer ``rope_parameters`` (which also carries ``rope_theta``)."""
-        params = dict(config.get("rope_scaling") or {})
+        newer ``rope_parameters`` (which also carries ``rope_theta``).
+
+        ``theta`` overrides the base and ``scaled=False`` ignores the scaling: Gemma 3's local
+        layers use base ``rope_local_base_freq`` and no scaling.
+        """
+        params = dict(config.get("rope_scaling") or {}) if scaled else {}
         nested = config.get("rope_parameters") or {}
-        # transformers 5 may nest the parameters per layer type; the decoders here have one RoPE.
-        params.update(nested.get("full_attention", nested) if isinstance(nested, dict) else {})
-        theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+        # transformers 5 may nest the parameters per layer type; here the full-attention ones.
+        if scaled:
+            params.update(nested.get("full_attention", nested) if isinstance(nested, dict) else {})
+        if theta is None:
+            theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
         kind = params.get("rope_type", params.get("type", "default"))
         if kind == "su":  # the name early Phi-3 128k configs used for LongRoPE
             kind = "longrope"
         if kind not in cls.SUPPORTED:
             raise UnsupportedArchitectureError(
                 f"RoPE type {kind!r} is not supported; supported: {', '.join(cls.SUPPORTED)}")
-        partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
-        if partial != 1.0:
+        partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))
+        dims = int(head_dim * partial)  # as transformers rounds it
+        if not 0 < dims <= head_dim or dims % 2:
             raise UnsupportedArchitectureError(
-                f"partial_rotary_factor {partial} is not supported; only full rotary embeddings are")
-        exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+                f"partial_rotary_factor {partial} gives {dims} rotary channels of {head_dim}; need an even number")
+        exponents = np.arange(0, dims, 2, dtype=np.float64) / dims
         inv_freq = 1.0 / theta ** exponents
 
         if kind == "linear":
@@ -204,8 +273,8 @@ class Rope:
                        original_max_position_embeddings=original)
         return cls(inv_freq=inv_freq.astype(np.float32))
 
-    def cos_sin(self, position_ids: ov.Node) -> Tuple[ov.Output, ov.Output]:
-        """cos and sin of shape [B, 1, L, head_dim], computed once and shared by every layer."""
+    def cos_sin(self, position_ids: ov.Node) -> Rotary:
+        """cos and sin of shape [B, 1, L, dims], computed once and shared by every layer."""
         inv_freq = _f32(self.inv_freq.reshape(1, 1, -1)).output(0)
         if self.long_inv_freq is not None:
             seq_len = ops.add(ops.reduce_max(position_ids, _i64([0, 1]), keep_dims=False), _i64(1))
@@ -218,7 +287,8 @@ class Rope:
         if self.attention_factor != 1.0:
             cos = ops.multiply(cos, _f32(self.attention_factor)).output(0)
             sin = ops.multiply(sin, _f32(self.attention_factor)).output(0)
-        return ops.unsqueeze(cos, _i64([1])).output(0), ops.unsqueeze(sin, _i64([1])).output(0)
+        return Rotary(ops.unsqueeze(cos, _i64([1])).output(0), ops.unsqueeze(sin, _i64([1])).output(0),
+                      2 * len(self.inv_freq))
 
 
 def _llama3_scaling(inv_freq: np.ndarray, params: dict) -> np.ndarray:
@@ -233,13 +303,20 @@ def _llama3_scaling(inv_freq: np.ndarray, params: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: ov.Output, cos: ov.Output, sin: ov.Output, head_dim: int) -> ov.Output:
-    """x * cos + rotate_half(x) * sin on [B, H, L, head_dim] (the RoPE fusion's GPT-NeoX form)."""
-    half = head_dim // 2
+def apply_rope(x: ov.Output, rotary: Rotary) -> ov.Output:
+    """x * cos + rotate_half(x) * sin on [B, H, L, head_dim] (the RoPE fusion's GPT-NeoX form).
+
+    A partial rotary embedding rotates x[..., :dims] and concatenates the rest unchanged, the
+    slicing form the plugin's RoPE fusion also accepts."""
+    dims, half = rotary.dims, rotary.dims // 2
+    if x.get_partial_shape()[3].is_static and x.get_partial_shape()[3].get_length() != dims:
+        rotated = apply_rope(ops.slice(x, _i64([0]), _i64([dims]), _i64([1]), _i64([3])).output(0), rotary)
+        rest = ops.slice(x, _i64([dims]), _i64([_INT64_MAX]), _i64([1]), _i64([3]))
+        return ops.concat([rotated, rest], -1).output(0)
     first = ops.slice(x, _i64([0]), _i64([half]), _i64([1]), _i64([3]))
     second = ops.slice(x, _i64([half]), _i64([_INT64_MAX]), _i64([1]), _i64([3]))
     rotated = ops.concat([ops.multiply(second, _f32(-1.0)), first], -1)
-    return ops.add(ops.multiply(x, cos), ops.multiply(rotated, sin)).output(0)
+    return ops.add(ops.multiply(x, rotary.cos), ops.multiply(rotated, rotary.sin)).output(0)
 
 
 # --- attention ----------------------------------------------------------------------------------
@@ -323,16 +400,33 @@ def _repeat_kv(x: ov.Output, shape: AttentionShape) -> ov.Output:
 
 
 def attention(q: ov.Output, k: ov.Output, v: ov.Output, *, inp: Inputs, shape: AttentionShape,
-              cos: ov.Output, sin: ov.Output, mask: ov.Output, layer: int, name: str
-              ) -> Tuple[ov.Output, List[ov.Node]]:
+              rotary: Optional[Rotary], mask: ov.Output, layer: int, name: str,
+              q_norm: Optional[Tuple[Weight, float, float]] = None,
+              k_norm: Optional[Tuple[Weight, float, float]] = None,
+              scale: Optional[float] = None) -> Tuple[ov.Output, List[ov.Node]]:
     """Self-attention over projected q/k/v [B, L, heads*head_dim]; returns the context
-    [B, L, heads*head_dim] (before o_proj) and the two Assign sinks of this layer's cache."""
-    q = apply_rope(_split_heads(q, shape.heads, shape.head_dim), cos, sin, shape.head_dim)
-    k = apply_rope(_split_heads(k, shape.kv_heads, shape.head_dim), cos, sin, shape.head_dim)
+    [B, L, heads*head_dim] (before o_proj) and the two Assign sinks of this layer's cache.
+
+    ``rotary`` None: no position embedding in this layer (SmolLM3's every fourth). ``q_norm`` and
+    ``k_norm`` (gamma, eps, offset): an RMSNorm over each head before RoPE (Qwen3, Gemma 3).
+    ``scale``: the factor of q.k when it is not 1/sqrt(head_dim) (Gemma 3's query_pre_attn_scalar).
+    """
+    q = _split_heads(q, shape.heads, shape.head_dim)
+    k = _split_heads(k, shape.kv_heads, shape.head_dim)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm[0], q_norm[1], f"{name}.q_norm", offset=q_norm[2])
+    if k_norm is not None:
+        k = rms_norm(k, k_norm[0], k_norm[1], f"{name}.k_norm", offset=k_norm[2])
+    if rotary is not None:
+        q, k = apply_rope(q, rotary), apply_rope(k, rotary)
     v = _split_heads(v, shape.kv_heads, shape.head_dim)
     k, k_assign = _kv_cache(k, inp, shape, layer, "key")
     v, v_assign = _kv_cache(v, inp, shape, layer, "value")
-    context = ops.scaled_dot_product_attention(q, _repeat_kv(k, shape), _repeat_kv(v, shape), mask,
-                                               causal=False, name=f"{name}/sdpa")
+    if scale is None:
+        context = ops.scaled_dot_product_attention(q, _repeat_kv(k, shape), _repeat_kv(v, shape), mask,
+                                                   causal=False, name=f"{name}/sdpa")
+    else:
+        context = ops.scaled_dot_product_attention(q, _repeat_kv(k, shape), _repeat_kv(v, shape), mask,
+                                                   _f32(scale), causal=False, name=f"{name}/sdpa")
     context = ops.transpose(context, _i64([0, 2, 1, 3]))
     return ops.reshape(context, _i64([0, 0, -1]), special_zero=True).output(0), [k_assign, v_assign]

@@ -3,19 +3,20 @@
 Layout: an 8-byte little-endian header length N, N bytes of JSON
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), then the
 raw tensor bytes; offsets are relative to the end of the header. numpy has no bfloat16, so BF16
-tensors come back as uint16 arrays holding the raw bits and are marked ``bf16`` in ``Weight``.
+tensors come back as uint16 arrays holding the raw bits and are marked ``bf16`` in ``Weight``
+(ovchat.convert.tensors).
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Tuple
 
 import numpy as np
 
+from ovchat.convert.tensors import Weight
 from ovchat.errors import CheckpointError
 
 # safetensors dtype -> (numpy dtype of the stored bits, ovchat dtype tag)
@@ -36,24 +37,6 @@ _NP_TO_TAG = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype
               np.dtype(np.int64): "i64", np.dtype(np.int32): "i32", np.dtype(np.int16): "i16",
               np.dtype(np.int8): "i8", np.dtype(np.uint8): "u8", np.dtype(np.bool_): "bool"}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Weight:
-    """A tensor as stored: ``array`` holds float32, float16, or (for bf16) uint16 bits."""
-
-    array: np.ndarray
-    dtype: str  # "f32" | "f16" | "bf16" | other tags of _DTYPES
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    def to_float32(self) -> np.ndarray:
-        if self.dtype == "bf16":
-            # bfloat16 is the top half of a float32: widen by shifting the bits into place.
-            return (self.array.astype(np.uint32) << 16).view(np.float32)
-        return self.array.astype(np.float32, copy=False)
 
 
 def read_header(path: Path) -> Tuple[dict, int]:

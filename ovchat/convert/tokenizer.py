@@ -16,14 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ovchat.convert.sources import Checkpoint, GGUFCheckpoint, gguf_eos_ids
+from ovchat.convert.checkpoint import Checkpoint
+from ovchat.convert.gguf import GGUFCheckpoint, gguf_eos_ids
 from ovchat.errors import CheckpointError, ConversionError
+from ovchat.modelfiles import TOKENIZER_FILES
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin",
-                   "openvino_detokenizer.xml", "openvino_detokenizer.bin")
 
 # GGUF token types (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -85,8 +85,8 @@ def convert_tokenizer(checkpoint: Checkpoint, output_dir, *, progress: ProgressC
     import openvino as ov
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    ov.save_model(tok, output_dir / "openvino_tokenizer.xml")
-    ov.save_model(detok, output_dir / "openvino_detokenizer.xml")
+    ov.save_model(tok, output_dir / TOKENIZER_FILES[0])
+    ov.save_model(detok, output_dir / TOKENIZER_FILES[2])
     write_generation_config(checkpoint, output_dir, specials)
     log.info("tokenizer written to %s: %s", output_dir, specials)
     return specials

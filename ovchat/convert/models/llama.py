@@ -1,6 +1,7 @@
-"""Llama (2, 3, 3.1 with llama3 RoPE scaling, SmolLM2): the reference decoder wiring.
+"""Llama (2, 3, 3.1/3.2 with llama3 RoPE scaling, SmolLM2): the reference decoder wiring.
 
-mistral, qwen2 and phi3 reuse ``decoder`` with their own config fields and weight mapping.
+mistral, qwen2, qwen3, smollm3 and phi3 reuse ``decoder`` with their own config fields (the
+``ModelArgs`` hooks say which layers slide, rotate, and normalise q/k) and weight mapping.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import openvino as ov
 
 from ovchat.convert import graph
-from ovchat.convert.safetensors import Weight
+from ovchat.convert.tensors import Weight
 from ovchat.errors import CheckpointError
 from ovchat.progress import Progress, ProgressCallback, ignore
 
@@ -35,6 +36,9 @@ class ModelArgs:
     attention_bias: bool = False
     mlp_bias: bool = False
 
+    # Not config fields: what the variants change.
+    qk_norm = False  # an RMSNorm over each query and key head (Qwen3)
+
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -56,6 +60,10 @@ class ModelArgs:
     def layer_window(self, layer: int) -> Optional[int]:
         """The sliding window of one layer (None: full attention)."""
         return self.sliding_window
+
+    def layer_rotates(self, layer: int) -> bool:
+        """Whether this layer applies RoPE to q and k."""
+        return True
 
 
 # One layer's weights by projection: "q", "k", "v", "o" (attention) or "gate", "up", "down" (MLP),
@@ -82,14 +90,14 @@ def decoder(checkpoint, args: ModelArgs, *, progress: ProgressCallback = ignore,
             attention_weights=attention_weights, mlp_weights=mlp_weights) -> ov.Model:
     """Wire embeddings, ``num_hidden_layers`` pre-norm decoder layers, the final norm and lm_head."""
     fetched: List[Weight] = []
-    get = _getter(checkpoint, fetched)
+    get = getter(checkpoint, fetched)
     shape = graph.AttentionShape(args.num_attention_heads, args.kv_heads, args.head_size)
     inp = graph.inputs()
-    cos, sin = graph.Rope.from_config(checkpoint.config, args.head_size).cos_sin(inp.position_ids)
+    rotary = graph.Rope.from_config(checkpoint.config, args.head_size).cos_sin(inp.position_ids)
     masks: Dict[Optional[int], ov.Output] = {}
 
-    table = graph.constant(get("model.embed_tokens.weight"), "model.embed_tokens.weight")
-    x = graph.embedding(inp.input_ids, graph.as_f32(table), "model.embed_tokens")
+    table = graph.weight(get("model.embed_tokens.weight"), "model.embed_tokens.weight")
+    x = graph.embedding(inp.input_ids, table, "model.embed_tokens")
     sinks: List[ov.Node] = []
     for i in range(args.num_hidden_layers):
         prefix = f"model.layers.{i}"
@@ -103,26 +111,33 @@ def decoder(checkpoint, args: ModelArgs, *, progress: ProgressCallback = ignore,
         q = graph.linear(h, w["q"], f"{attn}.q_proj", w.get("q_bias"))
         k = graph.linear(h, w["k"], f"{attn}.k_proj", w.get("k_bias"))
         v = graph.linear(h, w["v"], f"{attn}.v_proj", w.get("v_bias"))
-        context, layer_sinks = graph.attention(q, k, v, inp=inp, shape=shape, cos=cos, sin=sin,
-                                               mask=masks[window], layer=i, name=attn)
+        norms = {}
+        if args.qk_norm:
+            norms = {f"{t}_norm": (get(f"{attn}.{t}_norm.weight"), args.rms_norm_eps, 0.0) for t in "qk"}
+        context, layer_sinks = graph.attention(q, k, v, inp=inp, shape=shape,
+                                               rotary=rotary if args.layer_rotates(i) else None,
+                                               mask=masks[window], layer=i, name=attn, **norms)
         sinks += layer_sinks
         x = graph.ops.add(x, graph.linear(context, w["o"], f"{attn}.o_proj", w.get("o_bias"))).output(0)
 
         h = graph.rms_norm(x, get(f"{prefix}.post_attention_layernorm.weight"), args.rms_norm_eps,
                            f"{prefix}.post_attention_layernorm")
-        x = graph.ops.add(x, graph.swiglu(h, mlp_weights(get, prefix, args), f"{prefix}.mlp")).output(0)
+        x = graph.ops.add(x, graph.gated_mlp(h, mlp_weights(get, prefix, args), f"{prefix}.mlp")).output(0)
         progress(Progress("build", "building the decoder layers", i + 1, args.num_hidden_layers))
 
     x = graph.rms_norm(x, get("model.norm.weight"), args.rms_norm_eps, "model.norm")
-    tied = args.tie_word_embeddings or not checkpoint.has("lm_head.weight")
-    logits = graph.linear(x, table if tied else get("lm_head.weight"), "lm_head")
-    return graph.model(inp, logits, sinks, checkpoint.config.get("model_type", "llama"),
-                       arrays=[w.array for w in fetched])
+    logits = graph.linear(x, lm_head(checkpoint, args.tie_word_embeddings, table, get), "lm_head")
+    return graph.model(inp, logits, sinks, checkpoint.config.get("model_type", "llama"), arrays=shared(fetched))
 
 
-def _getter(checkpoint, fetched: List[Weight]) -> Callable[[str], Weight]:
-    """checkpoint.get with a clear error, remembering each weight: the model's Constants share
-    their memory, so the model must hold them (see graph.constant)."""
+def lm_head(checkpoint, tied: bool, table: ov.Output, get: Callable[[str], Weight]):
+    """The output projection: its own weight, or the embedding table when tied (or absent)."""
+    return table if tied or not checkpoint.has("lm_head.weight") else get("lm_head.weight")
+
+
+def getter(checkpoint, fetched: List) -> Callable[[str], Weight]:
+    """checkpoint.get with a clear error, remembering each weight: the model's float Constants
+    share their memory, so the model must hold them (see graph.constant)."""
     def get(name: str) -> Weight:
         if not checkpoint.has(name):
             raise CheckpointError(f"{checkpoint.path} lacks tensor {name}; the checkpoint is incomplete or not "
@@ -131,6 +146,11 @@ def _getter(checkpoint, fetched: List[Weight]) -> Callable[[str], Weight]:
         fetched.append(w)
         return w
     return get
+
+
+def shared(fetched: List) -> List:
+    """The arrays float Constants may share (kept weights are copied into their Constants)."""
+    return [w.array for w in fetched if isinstance(w, Weight)]
 
 
 def build(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:

@@ -1,9 +1,11 @@
-"""Phi-3 (mini/small 4k and the 128k LongRoPE variants): Llama's wiring over fused weights.
+"""Phi-3 (mini/small 4k, the 128k LongRoPE variants) and Phi-4-mini: Llama's wiring over fused weights.
 
 ``qkv_proj`` holds q, k and v rows one after the other and ``gate_up_proj`` the gate rows then
-the up rows. They are split here, in numpy, into row ranges (views that still share the
-checkpoint's memory), so the graph and NNCF see ordinary separate MatMul weights. The sliding
-window (2047 in the 4k models) is honoured; LongRoPE's tables come from ``rope_scaling``.
+the up rows. They are split here into row ranges (views of the checkpoint's memory, or of a GGUF's
+kept blocks), so the graph and NNCF see ordinary separate MatMul weights. The sliding window
+(2047 in the 4k models) is honoured; LongRoPE's tables come from ``rope_scaling``. Phi-4-mini adds
+grouped-query attention, tied embeddings and a partial rotary embedding (``partial_rotary_factor``
+0.75: 96 of 128 channels per head rotate), all of which the shared blocks handle.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Optional
 import openvino as ov
 
 from ovchat.convert.models import llama
-from ovchat.convert.safetensors import Weight
 from ovchat.progress import ProgressCallback, ignore
 
 
@@ -22,26 +23,23 @@ from ovchat.progress import ProgressCallback, ignore
 class ModelArgs(llama.ModelArgs):
     rms_norm_eps: float = 1e-5
     original_max_position_embeddings: Optional[int] = None
-
-
-def _rows(w: Weight, start: int, stop: int) -> Weight:
-    return Weight(w.array[start:stop], w.dtype)
+    partial_rotary_factor: float = 1.0
 
 
 def attention_weights(get, prefix: str, args: ModelArgs) -> llama.LayerWeights:
     qkv = get(f"{prefix}.self_attn.qkv_proj.weight")
     q_rows = args.num_attention_heads * args.head_size
     kv_rows = args.kv_heads * args.head_size
-    return {"q": _rows(qkv, 0, q_rows),
-            "k": _rows(qkv, q_rows, q_rows + kv_rows),
-            "v": _rows(qkv, q_rows + kv_rows, q_rows + 2 * kv_rows),
+    return {"q": qkv.rows(0, q_rows),
+            "k": qkv.rows(q_rows, q_rows + kv_rows),
+            "v": qkv.rows(q_rows + kv_rows, q_rows + 2 * kv_rows),
             "o": get(f"{prefix}.self_attn.o_proj.weight")}
 
 
 def mlp_weights(get, prefix: str, args: ModelArgs) -> llama.LayerWeights:
     gate_up = get(f"{prefix}.mlp.gate_up_proj.weight")
     n = args.intermediate_size
-    return {"gate": _rows(gate_up, 0, n), "up": _rows(gate_up, n, 2 * n),
+    return {"gate": gate_up.rows(0, n), "up": gate_up.rows(n, 2 * n),
             "down": get(f"{prefix}.mlp.down_proj.weight")}
 
 

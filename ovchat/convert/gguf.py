@@ -1,0 +1,390 @@
+"""GGUF files (llama.cpp's format), read with the ``gguf`` package and seen as Hugging Face.
+
+The metadata becomes a Hugging Face config (``gguf_config``), tensor names become Hugging Face
+names, and what llama.cpp's converter did to the weights is undone, so the builders see exactly
+what they would see in the Hugging Face checkpoint:
+
+- llama-family Q and K rows are permuted for llama.cpp's interleaved RoPE (``unpermute_rows``);
+- Gemma's RMSNorm weights are stored with the 1 that Gemma adds at run time already added.
+
+Tensors come back in one of two forms. By default a quantized tensor is dequantized to float16
+(its values are an f16 scale times small integers, so f16 holds them to within its rounding).
+With ``keep_quantized`` it comes back as a ``QuantizedWeight`` holding the file's own blocks
+(see ``ovchat.convert.quants``), so that the converted model has the very same weights and none
+is quantized twice. Every type the ``gguf`` package can dequantize is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ovchat import pages
+from ovchat.convert.checkpoint import Checkpoint
+from ovchat.convert.tensors import QuantizedWeight, Weight
+from ovchat.errors import CheckpointError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What ovchat must know of one GGUF ``general.architecture``.
+
+    ``names``: per-block tensor names that differ from the llama family's mapping;
+    ``permuted``: llama.cpp permuted the Q/K rows (its "normal" RoPE); ``norm_offset``: the norms
+    hold 1 + w (Gemma).
+    """
+
+    architecture: str
+    model_type: str
+    names: Tuple[Tuple[str, str], ...] = ()
+    permuted: bool = False
+    norm_offset: float = 0.0
+
+
+# Per-block GGUF tensor name -> Hugging Face name, as llama.cpp's converter writes the llama family.
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Keyed by general.architecture, which llama.cpp names as Hugging Face's model_type for these.
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
+    Family("LlamaForCausalLM", "llama", permuted=True),
+    Family("MistralForCausalLM", "mistral", permuted=True),
+    Family("Qwen2ForCausalLM", "qwen2"),
+    Family("Qwen3ForCausalLM", "qwen3"),
+    # Phi-3 keeps q/k/v fused in attn_qkv and gate/up fused in ffn_up, as its checkpoint does.
+    Family("Phi3ForCausalLM", "phi3", names=(("ffn_up", "mlp.gate_up_proj"),)),
+    Family("SmolLM3ForCausalLM", "smollm3", permuted=True),
+    Family("Gemma3ForCausalLM", "gemma3", norm_offset=1.0, names=(
+        ("post_attention_norm", "post_attention_layernorm"),
+        ("ffn_norm", "pre_feedforward_layernorm"),
+        ("post_ffw_norm", "post_feedforward_layernorm"))),
+)}
+
+# Tensors llama.cpp adds that have no Hugging Face counterpart; their content goes into config.
+_CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def readable_types() -> Tuple[str, ...]:
+    """Every tensor type the installed ``gguf`` package dequantizes (so ovchat reads)."""
+    import gguf
+
+    quantized = (t.name for t in gguf.GGMLQuantizationType if hasattr(gguf.quants, t.name))
+    return tuple(dict.fromkeys((*FLOAT_TYPES, *quantized)))
+
+
+def gguf_to_hf_name(name: str, arch: str) -> Optional[str]:
+    """The Hugging Face name of a GGUF tensor, or None where there is none."""
+    m = _BLOCK_RE.match(name)
+    if m:
+        layer, part, kind = m.groups()
+        hf = dict(_BLOCK_NAMES, **dict(FAMILIES[arch].names)).get(part)
+        return None if hf is None else f"model.layers.{layer}.{hf}.{kind}"
+    stem, _, kind = name.rpartition(".")
+    hf = _TOP_NAMES.get(stem)
+    return f"{hf}.{kind}" if hf else None
+
+
+def unpermute_order(rows: int, n_head: int) -> np.ndarray:
+    """The row order that undoes llama.cpp's Q/K permutation.
+
+    convert_hf_to_gguf interleaves the two rotary halves of each head (row i of the first half
+    and row i of the second become rows 2i and 2i+1) for its interleaved RoPE; ovchat's graph
+    uses rotate-half RoPE as Hugging Face does, so the halves are put back.
+    """
+    return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w[unpermute_order(w.shape[0], n_head)]
+
+
+class GGUFCheckpoint(Checkpoint):
+    kind = "gguf"
+    _missing = "the GGUF file; use a complete GGUF"
+
+    def __init__(self, path: Path, reader, family: Family, config: dict, generation_config: dict,
+                 tensors: Dict[str, object], keep_quantized: bool):
+        super().__init__(path, config, generation_config, [path], tensors)  # name -> gguf ReaderTensor
+        self.reader = reader
+        self.family = family
+        self.keep_quantized = keep_quantized
+        # What became of each quantized tensor read with keep_quantized: its GGUF type and form.
+        self.forms: Dict[str, Tuple[str, str]] = {}
+
+    @property
+    def gguf_architecture(self) -> str:
+        return self.family.model_type
+
+    def element_count(self, name: str) -> int:
+        """How many values tensor ``name`` holds, without reading it."""
+        return int(self._entry(name).n_elements)
+
+    def parameter_count(self) -> int:
+        return sum(int(t.n_elements) for t in self._index.values())
+
+    def tensor_type(self, name: str) -> str:
+        return self._entry(name).tensor_type.name
+
+    def is_quantized(self) -> bool:
+        """Whether any matrix is stored in a quantized type (norms are always float)."""
+        return any(t.tensor_type.name not in FLOAT_TYPES and len(t.shape) == 2 for t in self._index.values())
+
+    def field(self, key: str, default=None):
+        """A GGUF metadata value (strings decoded, arrays as lists), or ``default``."""
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def drop_weight_pages(self) -> None:
+        """Take the pages of the file read so far out of this process's resident set.
+
+        The reader maps the whole file, and every page read while dequantizing stays resident
+        until the mapping is unmapped, which the metadata's views into it prevent (see
+        ovchat.pages). A later read (the tokenizer's metadata) faults the page in again.
+        """
+        pages.drop_mmap(self.reader.data.base)  # np.memmap's buffer: the mmap.mmap of the whole file
+
+    def get(self, name: str) -> "Weight | QuantizedWeight":
+        import gguf
+
+        t = self._entry(name)
+        qtype = t.tensor_type.name
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if qtype == "F32":
+            w: "Weight | QuantizedWeight" = Weight(np.asarray(t.data).reshape(shape), "f32")
+        elif qtype == "F16":
+            w = Weight(np.asarray(t.data).reshape(shape), "f16")
+        elif qtype == "BF16":
+            w = Weight(np.asarray(t.data).view(np.uint16).reshape(shape), "bf16")
+        else:
+            kept = None
+            if self.keep_quantized and len(shape) == 2:
+                from ovchat.convert.quants import exact_form
+
+                kept = exact_form(t.data, qtype, shape)
+                self.forms[name] = (qtype, kept.describe() if kept is not None else "f16 (no exact form)")
+            # Block scales are f16 in every type, so f16 holds the dequantized values to within f16
+            # rounding at half the memory of f32 (a 3.8B model: 7.6 GB, not 15).
+            w = kept if kept is not None else Weight(
+                gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float16), "f16")
+        return self._as_hf(name, w)
+
+    def _as_hf(self, name: str, w: "Weight | QuantizedWeight") -> "Weight | QuantizedWeight":
+        """Undo what llama.cpp's converter did to this tensor."""
+        if self.family.permuted:
+            for proj, heads in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
+                if name.endswith((f"self_attn.{proj}.weight", f"self_attn.{proj}.bias")):
+                    return w.reorder_rows(unpermute_order(w.shape[0], self.config[heads]))
+        if self.family.norm_offset and name.endswith("norm.weight") and isinstance(w, Weight):
+            w = Weight((w.to_float32().astype(np.float64) - self.family.norm_offset).astype(np.float32), "f32")
+        return w
+
+
+def _llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> Optional[dict]:
+    """Recover Llama 3.1's rope_scaling from llama.cpp's precomputed rope_freqs tensor.
+
+    llama.cpp stores only the per-frequency divisors; the Hugging Face parameters are found by
+    checking the ones every Llama 3.x release uses, and None is returned if they do not match.
+    """
+    factor = float(freqs.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    for low, high, original in ((1.0, 4.0, 8192), (1.0, 4.0, 4096)):
+        low_wavelen, high_wavelen = original / low, original / high
+        smooth = (original / wavelen - low) / (high - low)
+        expect = np.where(wavelen < high_wavelen, 1.0,
+                          np.where(wavelen > low_wavelen, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        if expect.shape == freqs.shape and np.allclose(expect, freqs, rtol=1e-3):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": original}
+    return None
+
+
+def _f32(v) -> float:
+    """A GGUF float32 as the decimal Hugging Face wrote (9.99999974e-06 -> 1e-05)."""
+    return float(str(np.float32(v)))
+
+
+def gguf_config(path: Path, fields: Callable[[str, object], object], arch: str,
+                tensors: Dict[str, object], raw: Dict[str, object]) -> dict:
+    """The Hugging Face config.json equivalent of a GGUF file's metadata."""
+    def key(k, default=None):
+        return fields(f"{arch}.{k}", default)
+
+    family = FAMILIES[arch]
+    hidden = key("embedding_length")
+    heads = key("attention.head_count")
+    layers = key("block_count")
+    if not hidden or not heads or not layers:
+        raise CheckpointError(f"{path} lacks {arch}.embedding_length/attention.head_count/block_count "
+                              "metadata; use a GGUF written by a recent llama.cpp")
+    if isinstance(heads, list):
+        raise CheckpointError(f"{path} has per-layer head counts, which ovchat does not support")
+    kv_heads = key("attention.head_count_kv", heads)
+    head_dim = key("attention.key_length", hidden // heads)
+    tokens = fields("tokenizer.ggml.tokens", None)
+    vocab = key("vocab_size") or (len(tokens) if tokens else None)
+    if vocab is None and "model.embed_tokens.weight" in tensors:
+        vocab = int(tensors["model.embed_tokens.weight"].shape[-1])
+    theta = _f32(key("rope.freq_base", 10000.0))
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "hidden_size": int(hidden),
+        "intermediate_size": int(key("feed_forward_length", 0)),
+        "num_hidden_layers": int(layers),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": None,
+        "max_position_embeddings": int(key("context_length", 4096)),
+        "vocab_size": int(vocab) if vocab else None,
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "sliding_window": key("attention.sliding_window"),
+        "torch_dtype": "float16",
+    }
+    if arch == "phi3" and not config["intermediate_size"] and "model.layers.0.mlp.gate_up_proj.weight" in tensors:
+        config["intermediate_size"] = int(tensors["model.layers.0.mlp.gate_up_proj.weight"].shape[-1]) // 2
+    rot = key("rope.dimension_count")
+    if rot and int(rot) != config["head_dim"]:
+        config["partial_rotary_factor"] = int(rot) / config["head_dim"]
+    scaling = key("rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        config["rope_scaling"] = {"rope_type": scaling, "factor": _f32(key("rope.scaling.factor", 1.0))}
+        original = key("rope.scaling.original_context_length")
+        if original:
+            config["rope_scaling"]["original_max_position_embeddings"] = int(original)
+    elif scaling not in (None, "none"):
+        raise CheckpointError(f"{path} uses rope scaling {scaling!r}, which ovchat does not support; "
+                              "convert the Hugging Face checkpoint instead")
+    if "rope_freqs.weight" in raw:
+        freqs = np.asarray(raw["rope_freqs.weight"].data, dtype=np.float64)
+        recovered = _llama3_rope_scaling(freqs, int(rot or head_dim), theta)
+        if recovered is None:
+            raise CheckpointError(f"{path} has a rope_freqs table that matches no known Llama 3 rope "
+                                  "scaling; convert the Hugging Face checkpoint instead")
+        config["rope_scaling"] = recovered
+    if "rope_factors_long.weight" in raw:
+        original = key("rope.scaling.original_context_length") or config["max_position_embeddings"]
+        config["rope_scaling"] = {
+            "rope_type": "longrope",
+            "long_factor": [float(x) for x in np.asarray(raw["rope_factors_long.weight"].data)],
+            "short_factor": [float(x) for x in np.asarray(raw["rope_factors_short.weight"].data)],
+        }
+        config["original_max_position_embeddings"] = int(original)
+    _FAMILY_CONFIG.get(arch, lambda c, k: None)(config, key)
+    for gguf_key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                             ("padding_token_id", "pad_token_id")):
+        v = fields(f"tokenizer.ggml.{gguf_key}", None)
+        if v is not None:
+            config[hf_key] = int(v)
+    return config
+
+
+def _gemma3_config(config: dict, key: Callable) -> None:
+    """What llama.cpp keeps in code rather than in a Gemma 3 file's metadata: every sixth layer
+    attends globally (the others within the sliding window, with RoPE base 10000), and queries
+    are scaled by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) in the 27B model, 62 layers)."""
+    n = config["num_hidden_layers"]
+    config["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    config["rope_local_base_freq"] = 10000.0
+    config["query_pre_attn_scalar"] = (config["hidden_size"] // config["num_attention_heads"] if n == 62
+                                       else config["head_dim"])
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        value = key(name)
+        config[name] = _f32(value) if value else None
+
+
+def _smollm3_config(config: dict, key: Callable) -> None:
+    """SmolLM3 skips RoPE in every fourth layer; llama.cpp keeps that in code, not metadata."""
+    config["no_rope_layers"] = [0 if (i + 1) % 4 == 0 else 1 for i in range(config["num_hidden_layers"])]
+
+
+_FAMILY_CONFIG: Dict[str, Callable[[dict, Callable], None]] = {"gemma3": _gemma3_config,
+                                                               "smollm3": _smollm3_config}
+
+
+def gguf_eos_ids(fields: Callable[[str, object], object]) -> List[int]:
+    """Every token id at which llama.cpp would stop: eos, end-of-turn and end-of-message."""
+    ids: List[int] = []
+    for k in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        v = fields(f"tokenizer.ggml.{k}", None)
+        if v is not None and int(v) not in ids:
+            ids.append(int(v))
+    return ids
+
+
+def open_gguf(path: Path, *, keep_quantized: bool = False) -> GGUFCheckpoint:
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
+        # gguf raises ValueError for a bad magic and numpy errors (a short read cannot be
+        # reshaped) for a file cut short inside the metadata or tensor table.
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); re-download it") from None
+
+    def fields(k, default=None):
+        f = reader.fields.get(k)
+        return default if f is None else f.contents()
+
+    arch = fields("general.architecture", None)
+    if arch not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"{path} has GGUF architecture {arch!r}; ovchat converts {', '.join(sorted(FAMILIES))}")
+
+    readable = set(readable_types())
+    tensors: Dict[str, object] = {}
+    raw: Dict[str, object] = {}
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {t.name} ends at byte {end} but the file "
+                                  f"has {size} bytes; re-download it")
+        if t.tensor_type.name not in readable:
+            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
+                                  f"package cannot read; ovchat reads {', '.join(sorted(readable))}")
+        if t.name in _CONFIG_TENSORS:
+            raw[t.name] = t
+            continue
+        hf = gguf_to_hf_name(t.name, arch)
+        if hf is None:
+            raise CheckpointError(f"{path}: tensor {t.name} has no Hugging Face counterpart in a {arch} "
+                                  "model; this GGUF variant is not supported")
+        tensors[hf] = t
+    if "model.embed_tokens.weight" not in tensors:
+        raise CheckpointError(f"{path} has no token_embd.weight tensor; use a complete GGUF")
+
+    config = gguf_config(path, fields, arch, tensors, raw)
+    generation_config = {"bos_token_id": config.get("bos_token_id"),
+                         "eos_token_id": gguf_eos_ids(fields) or config.get("eos_token_id"),
+                         "pad_token_id": config.get("pad_token_id")}
+    generation_config = {k: v for k, v in generation_config.items() if v not in (None, [])}
+    return GGUFCheckpoint(path, reader, FAMILIES[arch], config, generation_config, tensors, keep_quantized)

@@ -1,0 +1,35 @@
+"""SmolLM3: Llama's wiring in which some layers use no position embedding at all ("NoPE").
+
+``no_rope_layers`` has one entry per layer, 1 where the layer applies RoPE and 0 where it does
+not; the released models skip it in every fourth layer (``no_rope_layer_interval`` 4), which is
+what a config without the list gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import openvino as ov
+
+from ovchat.convert.models import llama
+from ovchat.progress import ProgressCallback, ignore
+
+
+@dataclass
+class ModelArgs(llama.ModelArgs):
+    no_rope_layers: Optional[List[int]] = None
+    no_rope_layer_interval: int = 4
+    use_sliding_window: bool = False
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        return self.sliding_window if self.use_sliding_window else None
+
+    def layer_rotates(self, layer: int) -> bool:
+        if self.no_rope_layers is not None:
+            return bool(self.no_rope_layers[layer])
+        return (layer + 1) % self.no_rope_layer_interval != 0
+
+
+def build(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:
+    return llama.decoder(checkpoint, ModelArgs.from_config(checkpoint.config), progress=progress)
