@@ -261,7 +261,9 @@ def _child(argv: Sequence[str]) -> int:
 
 # -- the benchmark ----------------------------------------------------------------------------
 
-def _spawn_run(model: str, device: str, prompt_tokens: int, new_tokens: int, timeout: float) -> RunSample:
+def measure_in_fresh_process(model: str, device: str, prompt_tokens: int, new_tokens: int,
+                             timeout: float = 900) -> RunSample:
+    """One run (see the module docstring) in a new Python process; raises OvchatError if it fails."""
     with tempfile.TemporaryDirectory(prefix="ovchat-bench-") as tmp:
         out = Path(tmp) / "run.json"
         started = time.time()
@@ -317,7 +319,7 @@ def run_benchmark(model: Optional[str] = None, *, prompt_tokens: int = 84, new_t
     for i in range(runs + 1):
         label = "warm-up run (not counted)" if i == 0 else f"run {i} of {runs}"
         progress(Progress("bench", label))
-        samples.append(_spawn_run(path, choice.name, prompt_tokens, new_tokens, timeout))
+        samples.append(measure_in_fresh_process(path, choice.name, prompt_tokens, new_tokens, timeout))
         log.info("%s: %s", label, samples[-1])
     return BenchResult(model=path, device=choice.name, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        runs=samples[1:], warmup=samples[0],
@@ -325,5 +327,5 @@ def run_benchmark(model: Optional[str] = None, *, prompt_tokens: int = 84, new_t
                        versions=versions())
 
 
-if __name__ == "__main__":  # the process of one run, started by _spawn_run
+if __name__ == "__main__":  # the process of one run, started by measure_in_fresh_process
     sys.exit(_child(sys.argv[1:]))

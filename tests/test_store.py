@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ovchat_cmd, run_ovchat
 from convert_helpers import write_checkpoint
+from ovchat.fetch import DEMO_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def test_catalog_pull_list_info_run_and_rm(demo_model, tmp_path):
 
 
 def test_pull_a_local_gguf_and_a_local_hf_directory_then_rm(demo_model, tiny_hf, tmp_path):
-    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    gguf = demo_model.parent.parent / "downloads" / DEMO_MODEL.filename
     ok("pull", str(gguf), "--name", "smol-int8", "--weight-format", "int8")
     ok("pull", str(tiny_hf))
     names = listed_names()
@@ -66,7 +67,7 @@ def test_pull_a_local_gguf_and_a_local_hf_directory_then_rm(demo_model, tiny_hf,
 
 
 def test_an_interrupted_pull_leaves_nothing_listed(demo_model):
-    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    gguf = demo_model.parent.parent / "downloads" / DEMO_MODEL.filename
     proc = subprocess.Popen(ovchat_cmd("pull", str(gguf), "--name", "interrupted"), stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     seen = b""
@@ -93,7 +94,7 @@ def test_concurrent_pulls_of_one_name_end_with_one_valid_entry(tiny_hf):
 
 
 def test_a_damaged_entry_is_reported_by_info_and_refused_by_run(demo_model, tmp_path):
-    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    gguf = demo_model.parent.parent / "downloads" / DEMO_MODEL.filename
     ok("pull", str(gguf), "--name", "damaged", "--weight-format", "int8")
     entry = demo_model.parent / "damaged"
     with open(entry / "openvino_model.bin", "r+b") as f:
@@ -155,7 +156,7 @@ def test_a_runtime_only_install_runs_the_demo_gguf_directly(demo_model, tmp_path
     from ovchat import store
     from ovchat.engine import ChatSession
 
-    gguf = next((demo_model.parent.parent / "downloads").glob("*.gguf"))
+    gguf = demo_model.parent.parent / "downloads" / DEMO_MODEL.filename
     monkeypatch.setenv("OVCHAT_HOME", str(tmp_path))
     (tmp_path / "downloads").mkdir()
     shutil.copyfile(gguf, tmp_path / "downloads" / gguf.name)  # as if fetched before

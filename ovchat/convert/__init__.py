@@ -173,13 +173,11 @@ def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: Prog
         model = core.read_model(checkpoint.xml)
         reference: Callable[[], object] = lambda: core.read_model(checkpoint.xml)  # noqa: E731
     else:
-        from ovchat.convert.checkpoint import open_checkpoint
         from ovchat.convert.models import build_model
 
         progress(Progress("build", f"building the {checkpoint.architecture} graph"))
         model = build_model(checkpoint, progress=progress)
-        path = checkpoint.path
-        reference = lambda: build_model(open_checkpoint(path))  # noqa: E731
+        reference = lambda: build_model(checkpoint.float_view())  # noqa: E731
         # A Hugging Face model is compressed as built: its Constants share the memory-mapped
         # safetensors, whose pages compress() drops after each NNCF step, so a float IR round
         # trip would only add a full write and read of the weights. The model object holds the

@@ -57,6 +57,11 @@ class Checkpoint:
         """How many weights the checkpoint holds (without reading them)."""
         raise NotImplementedError
 
+    def float_view(self) -> "Checkpoint":
+        """The checkpoint with every weight as a float (a GGUF read with keep_quantized gives
+        its blocks instead); the receipt's reference is built from it."""
+        return self
+
     def _entry(self, name: str) -> object:
         """Where tensor ``name`` is stored, or CheckpointError if the checkpoint lacks it."""
         try:
