@@ -21,9 +21,9 @@ The numbers:
 - ``ttft_s`` and ``decode_tokens_per_s``: of the measured generation, from the time each new
   token reaches a token-level streamer: the call to the first new token, and the tokens after
   the first over the time from the first to the last;
-- ``peak_rss_bytes``: the process's ``ru_maxrss`` at its end: the high-water mark of resident
-  memory over the whole process life (interpreter, libraries, model, KV cache), file-backed
-  pages of memory-mapped weights included.
+- ``peak_rss_bytes``: the process's high-water mark of resident memory (VmHWM; ru_maxrss
+  elsewhere) over its whole life (interpreter, libraries, model, KV cache), file-backed pages of
+  memory-mapped weights included.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class BenchResult:
     warmup: RunSample
     properties: Dict[str, str]
     versions: Dict[str, str]
-    rss_scope: str = ("ru_maxrss of a fresh process per run: interpreter, libraries, model and KV "
+    rss_scope: str = ("high-water mark (VmHWM) of a fresh process per run: interpreter, libraries, model and KV "
                       "cache, mapped weight pages included")
     summary: Dict[str, Stat] = field(init=False)
 
@@ -113,7 +113,8 @@ class BenchResult:
 # -- the prompt -------------------------------------------------------------------------------
 
 def prompt_ids(tokenizer: Any, n_tokens: int, *, offset: int = 0) -> List[int]:
-    """Exactly ``n_tokens`` ids of the chat-templated fixed prompt, for an openvino_genai.Tokenizer.
+    """Exactly ``n_tokens`` ids of the chat-templated fixed prompt, for an openvino_genai.Tokenizer
+    (a model without a chat template, a base model, gets the plain text after its BOS).
 
     The template is applied around a marker and the text on each side of it is encoded on its
     own, so the user message can be cut to the token, whatever the template adds. ``offset``
@@ -124,18 +125,21 @@ def prompt_ids(tokenizer: Any, n_tokens: int, *, offset: int = 0) -> List[int]:
 
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise InputError(f"the prompt length must be a positive number of tokens, not {n_tokens!r}")
-    if not tokenizer.chat_template:
-        raise ModelLoadError("the model has no chat template; convert it again with `ovchat convert`")
-    templated = tokenizer.apply_chat_template(
-        openvino_genai.ChatHistory([{"role": "user", "content": _MARK}]), add_generation_prompt=True)
-    prefix, found, suffix = templated.partition(_MARK)
-    if not found:
-        raise ModelLoadError("the model's chat template does not include the user message")
 
-    def encode(text: str) -> List[int]:
-        return [int(i) for i in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]] if text else []
+    def encode(text: str, specials: bool = False) -> List[int]:
+        return [int(i) for i in tokenizer.encode(text, add_special_tokens=specials).input_ids.data[0]] if text else []
 
-    head, tail = encode(prefix), encode(suffix)
+    if tokenizer.chat_template:
+        templated = tokenizer.apply_chat_template(
+            openvino_genai.ChatHistory([{"role": "user", "content": _MARK}]), add_generation_prompt=True)
+        prefix, found, suffix = templated.partition(_MARK)
+        if not found:
+            raise ModelLoadError("the model's chat template does not include the user message")
+        head, tail = encode(prefix), encode(suffix)
+    else:
+        # A base model reads plain text, after the special tokens its tokenizer puts first (BOS).
+        plain = encode(PROMPT_TEXT)
+        head, tail = encode(PROMPT_TEXT, specials=True)[:-len(plain) or None], []
     room = n_tokens - len(head) - len(tail)
     if room < 1:
         raise InputError(f"the chat template alone takes {len(head) + len(tail)} tokens; ask for a "
@@ -160,6 +164,16 @@ def forced_config(pipe: Any, new_tokens: int) -> Any:
 # -- one run (in a fresh process) -------------------------------------------------------------
 
 def _peak_rss_bytes() -> int:
+    """This process's high-water mark of resident memory. On Linux VmHWM, not ru_maxrss: the latter
+    survives exec, so a run started by a big parent (a benchmark script holding models) would
+    report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 

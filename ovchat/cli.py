@@ -124,10 +124,21 @@ def read_prompt(prompt: Optional[str]) -> str:
 @click.option("--raw", is_flag=True,
               help="Continue PROMPT as plain text, without the chat template (for base models, "
                    "which have none).")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: the reply is a JSON object (enforced by a grammar).")
+@click.option("--json-schema", "schema_file", type=click.Path(dir_okay=False), default=None,
+              help="A file with a JSON schema the reply must follow (enforced by a grammar).")
+@click.option("--tools", "tools_file", type=click.Path(dir_okay=False), default=None,
+              help="A JSON file of functions the model may call, in OpenAI's 'tools' form; calls are "
+                   "printed as JSON lines {\"id\", \"name\", \"arguments\"}.")
+@click.option("--tool-choice", default=None,
+              help="auto (the model decides; needs a chat template with tools), required, or a "
+                   "function's name (a call forced by a grammar).  [default: auto]")
 @click.option("--stats", is_flag=True, help="Print the reply's metrics to stderr.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object with the text and the metrics instead of streaming.")
-def run(prompt, model, device, max_context, system, raw, stats, as_json, **gen):
+              help="Print one JSON object with the text, the tool calls and the metrics instead of streaming.")
+def run(prompt, model, device, max_context, system, raw, output_format, schema_file, tools_file, tool_choice,
+        stats, as_json, **gen):
     """Answer PROMPT once and exit.
 
     The reply streams to stdout. With PROMPT '-' or absent and stdin not a terminal, the prompt
@@ -136,17 +147,19 @@ def run(prompt, model, device, max_context, system, raw, stats, as_json, **gen):
     from ovchat.render import format_metrics
 
     text = read_prompt(prompt)
-    if raw and system:
-        raise click.UsageError("--system needs the chat template; leave it out with --raw")
+    shape = reply_shape(output_format, schema_file, tools_file, tool_choice)
+    if raw and (system or shape):
+        raise click.UsageError("--system, --format json, --json-schema and --tools need the chat template; "
+                               "leave them out with --raw")
     session = open_session(model, device, max_context, system, gen)
     if as_json:
-        reply = "".join(session.complete(text)) if raw else session.send(text)
+        reply = "".join(session.complete(text)) if raw else session.send(text, **shape)
         click.echo(json.dumps({"model": str(session.model_path), "device": session.device.name,
-                               "text": reply, "metrics": session.last_metrics.as_dict()},
-                              ensure_ascii=False))
+                               "text": reply, "tool_calls": [_call_json(c) for c in getattr(reply, "tool_calls", ())],
+                               "metrics": session.last_metrics.as_dict()}, ensure_ascii=False))
     else:
         reply = ""
-        chunks = session.complete(text) if raw else session.stream(text)
+        chunks = session.complete(text) if raw else session.stream(text, **shape)
         try:
             for chunk in chunks:
                 reply += chunk
@@ -157,10 +170,41 @@ def run(prompt, model, device, max_context, system, raw, stats, as_json, **gen):
             click.echo()
             notice("stopped")
             sys.exit(130)
-        if not reply.endswith("\n"):
+        if reply and not reply.endswith("\n"):
             click.echo()
+        for call in () if raw else session.last_reply.tool_calls:
+            click.echo(json.dumps(_call_json(call), ensure_ascii=False))
     if stats:
         click.echo(format_metrics(session.last_metrics), err=True)
+
+
+def reply_shape(output_format: str, schema_file: Optional[str], tools_file: Optional[str],
+                tool_choice: Optional[str]) -> dict:
+    """The response_format / tools / tool_choice arguments of ChatSession.stream for the options."""
+    shape: dict = {}
+    if schema_file:
+        shape["response_format"] = {"type": "json_schema", "json_schema": {"schema": _json_file(schema_file)}}
+    elif output_format == "json":
+        shape["response_format"] = {"type": "json_object"}
+    if tools_file:
+        tools = _json_file(tools_file)
+        shape.update(tools=tools if isinstance(tools, list) else [tools], tool_choice=tool_choice)
+    elif tool_choice:
+        raise click.UsageError("--tool-choice needs --tools")
+    return shape
+
+
+def _json_file(path: str):
+    try:
+        return json.loads(open(path, encoding="utf-8").read())
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path} is not JSON ({str(e)[:120]})") from None
+
+
+def _call_json(call) -> dict:
+    return {"id": call.id, "name": call.name, "arguments": call.arguments}
 
 
 @main.command()
@@ -393,7 +437,14 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
 
 
 @main.command()
-@model_options
+@click.option("-m", "--model", envvar="OVCHAT_MODEL", default=None, show_envvar=True,
+              help="A store name, a known name (pulled on first use), a model directory or a .gguf file "
+                   "(default: see `ovchat default`).")
+@click.option("--device", envvar="OVCHAT_DEVICE", default="auto", show_default=True, show_envvar=True,
+              help="auto (GPU if OpenVINO reports one, else CPU), CPU, GPU, GPU.N or NPU.")
+@click.option("--max-context", type=click.IntRange(min=1), default=None, metavar="TOKENS",
+              help="Window a prompt and its reply must fit in (default: the model's own); a longer prompt "
+                   "gets 400 context_length_exceeded.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback exposes the model to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
@@ -407,27 +458,38 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
               help="Requests that may wait for a slot before new ones get 429.  [default: 4 x max-concurrency]")
 @click.option("--kv-cache-gb", type=click.IntRange(min=1), default=2, show_default=True,
               help="KV-cache pool shared by the running requests, in GB.")
-def serve(model, device, max_context, host, port, api_key, max_concurrency, max_queue, kv_cache_gb):
+@click.option("--prefill-chunk", type=click.IntRange(min=16), default=256, show_default=True, metavar="TOKENS",
+              help="Prompt tokens prefilled per step: a long prompt goes in chunks, so other streams keep flowing.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests for this Host name (repeatable). A server on a loopback address "
+                   "answers loopback names only, so web pages cannot reach it through DNS rebinding.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from this origin call the API (repeatable; '*' for any). Off by default.")
+def serve(model, device, max_context, host, port, api_key, max_concurrency, max_queue, kv_cache_gb, prefill_chunk,
+          allow_hosts, cors_origins):
     """Serve the model over HTTP with an OpenAI-compatible API.
 
-    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health
-    (503 until the model is loaded). Concurrent requests share one continuous-batching
-    scheduler. One log line per request goes to stderr. Needs the serve extra.
+    Endpoints: POST /v1/chat/completions (tools, JSON output, logprobs, n), POST /v1/completions,
+    GET /v1/models, GET /health (503 until the model is loaded), GET /metrics (Prometheus).
+    Concurrent requests share one continuous-batching scheduler in an engine process of its own.
+    One log line per request goes to stderr. Needs the serve extra.
     """
     import logging
 
     from ovchat.loading import plan
     from ovchat.render import ProgressPrinter
-    from ovchat.server import serve as run_server
+    from ovchat.server import ServeOptions, serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     loaded = plan(model, device=device, max_context=max_context, progress=ProgressPrinter())
     if loaded.device.automatic:
         notice(f"using {loaded.device.name} ({loaded.device.reason})")
+    options = ServeOptions(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
+                           max_queue=max_queue, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk,
+                           context_limit=loaded.context_limit, allow_hosts=list(allow_hosts),
+                           cors_origins=list(cors_origins))
     try:
-        run_server(loaded.model_path, loaded.device, host=host, port=port, api_key=api_key,
-                   max_concurrency=max_concurrency, max_queue=max_queue, kv_cache_gb=kv_cache_gb,
-                   context_limit=loaded.context_limit)
+        run_server(loaded.model_path, loaded.device, loaded.properties(), options)
     except KeyboardInterrupt:
         # uvicorn has shut down cleanly and re-raised the signal that stopped it.
         notice("stopped")

@@ -20,24 +20,53 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ovchat.devices import compile_with_fallback
 from ovchat.errors import ContextOverflowError, InputError, ModelLoadError, OvchatError, summary
 from ovchat.loading import plan
 from ovchat.options import GenerationOptions
 from ovchat.progress import ProgressCallback, ignore
+from ovchat.toolcalls import Splitter, Tool, ToolCall, forced_call, parse, parse_tool_choice, parse_tools, \
+    template_offers_tools
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 CONVERSATION_FORMAT = "ovchat-conversation"
 _DONE = object()
 # Tokens reserved for the reply when deciding whether old turns must go: a quarter of the
 # window, or max_new_tokens if that is smaller.
 _REPLY_SHARE = 4
+
+
+class Reply(str):
+    """A reply's text, as a str, with the tool calls it makes (``tool_calls``, empty for a reply
+    that calls nothing)."""
+
+    tool_calls: Tuple[ToolCall, ...]
+
+    def __new__(cls, text: str, tool_calls: Sequence[ToolCall] = ()) -> "Reply":
+        reply = super().__new__(cls, text)
+        reply.tool_calls = tuple(tool_calls)
+        return reply
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a turn's reply may be: tools shown through the template (``offer``) or forced by a
+    grammar (``structured``), or JSON; ``choice`` is auto, none, required or a function's name."""
+
+    tools: Tuple[Tool, ...] = ()
+    choice: str = "none"
+    offer: bool = False
+    structured: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.tools) and self.choice not in ("auto", "none")
 
 
 @dataclass(frozen=True)
@@ -101,6 +130,7 @@ class ChatSession:
         self._cancel = threading.Event()
         self._busy = threading.Lock()
         self.last_metrics: Optional[TurnMetrics] = None
+        self.last_reply: Reply = Reply("")
 
     # -- loading --------------------------------------------------------------------------
 
@@ -184,34 +214,76 @@ class ChatSession:
         messages = data.get("messages")
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                for m in messages):
+                and isinstance(m.get("tool_calls", []), list) for m in messages):
             raise InputError(f"{path} has malformed messages (each needs a role and a content)")
         options = GenerationOptions.from_mapping(data.get("options") or {})
-        self._messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        keys = ("role", "content", "tool_calls", "tool_call_id")
+        self._messages = [{k: m[k] for k in keys if k in m} for m in messages]
         self.options = options
 
     # -- generation -----------------------------------------------------------------------
 
-    def send(self, prompt: str, **options: Any) -> str:
-        """Send one user message and return the whole reply."""
-        return "".join(self.stream(prompt, **options))
+    def send(self, prompt: Optional[str] = None, *, tools: Optional[Sequence[Any]] = None,
+             tool_choice: Any = None, response_format: Optional[dict] = None, **options: Any) -> Reply:
+        """Send one user message and return the whole reply (a ``Reply``: its text, and the
+        tool calls it makes in ``reply.tool_calls``). See ``stream`` for the arguments."""
+        chunks = self.stream(prompt, tools=tools, tool_choice=tool_choice, response_format=response_format,
+                             **options)
+        for _ in chunks:
+            pass
+        return self.last_reply
 
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+    def stream(self, prompt: Optional[str] = None, *, tools: Optional[Sequence[Any]] = None,
+               tool_choice: Any = None, response_format: Optional[dict] = None, **options: Any) -> Iterator[str]:
         """Send one user message and yield the reply as text chunks while it is generated.
 
-        Keyword arguments override generation options for this turn only. Closing the iterator
-        early (or ``cancel()``) stops the reply; what was generated stays in the conversation.
+        ``tools``: functions the model may call, in OpenAI's form (``{"type": "function",
+        "function": {"name", "description", "parameters"}}``); ``tool_choice``: auto (the model
+        decides; its chat template must show tools), required (a call of any of them, forced by a
+        grammar), or a function's name (a call of that one). Calls are not streamed: they are in
+        ``last_reply.tool_calls`` (and in the conversation); answer them with ``add_tool_result``
+        and ``send()`` without a prompt. ``response_format``: OpenAI's ``{"type": "json_object"}``
+        or ``{"type": "json_schema", "json_schema": {"schema": {...}}}``: the reply is JSON, by a
+        grammar. Other keyword arguments override generation options for this turn only. Closing
+        the iterator early (or ``cancel()``) stops the reply; what was generated stays in the
+        conversation.
         """
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
             raise InputError("the prompt is empty; type a message")
+        if prompt is None and not (self._messages and self._messages[-1]["role"] == "tool"):
+            raise InputError("give a prompt (a reply without one continues after tool results, and there are none)")
         if not self.has_chat_template:
             raise ModelLoadError(f"{self.model_path.name} has no chat template (a base model?), so it cannot "
                                  "chat; continue a text instead: ovchat run --raw, or ChatSession.complete()")
         opts = self.options.with_changes(**options)
+        shape = self._shape(tools, tool_choice, response_format)
         if self._busy.locked():
             raise OvchatError("this session is already generating a reply; wait for it or cancel it")
-        history, max_new, prompt_tokens = self._fit_turn({"role": "user", "content": prompt}, opts)
-        return self._generate(history, opts, max_new, prompt_tokens)
+        history, max_new, prompt_tokens = self._fit_turn(None if prompt is None else {"role": "user", "content": prompt},
+                                                         opts, shape)
+        return self._generate(history, opts, max_new, prompt_tokens, shape=shape)
+
+    def add_tool_result(self, call: "ToolCall | str", content: Any) -> None:
+        """Put the result of a tool call (a ToolCall of ``last_reply``, or its id) into the
+        conversation, as text (anything else is written as JSON)."""
+        call_id = call.id if isinstance(call, ToolCall) else str(call)
+        text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+        self._messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+
+    def _shape(self, tools: Optional[Sequence[Any]], tool_choice: Any, response_format: Optional[dict]) -> _Shape:
+        from ovchat import structured
+
+        parsed = tuple(t if isinstance(t, Tool) else parse_tools([t])[0] for t in tools or ())
+        if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
+            tool_choice = {"type": "function", "function": {"name": tool_choice}}
+        choice = parse_tool_choice(tool_choice, parsed)
+        template = self._tokenizer.chat_template or ""
+        if parsed and choice == "auto" and not template_offers_tools(template):
+            raise InputError(f"the chat template of {self.model_path.name} has no place for tools, so the model "
+                             "cannot choose to call one; force a call with tool_choice 'required' or a function's name")
+        fmt = structured.parse_response_format(response_format)
+        return _Shape(parsed, choice, offer=bool(parsed) and choice != "none" and template_offers_tools(template),
+                      structured=structured.settings(fmt, parsed, choice))
 
     def complete(self, text: str, **options: Any) -> Iterator[str]:
         """Continue ``text`` as it is, without the chat template, and yield the continuation.
@@ -247,13 +319,20 @@ class ChatSession:
             return 0
         return self._count(self._messages, add_generation_prompt=False)
 
-    def _generate(self, history: Optional[List[Dict[str, str]]], opts: GenerationOptions, max_new: int,
-                  prompt_tokens: int, prompt: Any = None) -> Iterator[str]:
+    def _generate(self, history: Optional[List[Dict[str, Any]]], opts: GenerationOptions, max_new: int,
+                  prompt_tokens: int, prompt: Any = None, shape: _Shape = _Shape()) -> Iterator[str]:
         """Stream a reply to ``history`` (a chat turn, kept in the conversation) or, with
         ``history`` None, the continuation of the token ids ``prompt`` (kept nowhere)."""
         import openvino_genai
 
+        from ovchat.structured import genai_config
+
         config = opts.to_genai(self._pipe.get_generation_config(), max_new_tokens=max_new)
+        constraint = genai_config(**shape.structured)
+        if constraint is not None:
+            config.structured_output_config = constraint
+        splitter = Splitter(shape.tools, self._tokenizer.chat_template or "") if shape.choice == "auto" and \
+            shape.tools else None
         chunks: "queue.Queue[object]" = queue.Queue()
         outcome: Dict[str, Any] = {}
         self._cancel.clear()
@@ -265,7 +344,7 @@ class ChatSession:
 
         def work() -> None:
             try:
-                source = prompt if history is None else openvino_genai.ChatHistory(history)
+                source = prompt if history is None else self._chat_history(history, shape)
                 outcome["result"] = self._pipe.generate(source, config, streamer)
             except RuntimeError as e:
                 outcome["error"] = e
@@ -286,23 +365,49 @@ class ChatSession:
                 if item is _DONE:
                     break
                 parts.append(item)  # type: ignore[arg-type]
-                yield item  # type: ignore[misc]
+                # Calls are not streamed: a forced one is all JSON, a chosen one is held back.
+                shown = "" if shape.forced else splitter.feed(item) if splitter else item  # type: ignore[arg-type]
+                if shown:
+                    yield shown
         finally:
             cancelled = worker.is_alive()
             if cancelled:
                 self._cancel.set()
             worker.join()
-            self._finish_turn(history, parts, outcome, max_new, prompt_tokens, cancelled)
+            self._finish_turn(history, parts, outcome, max_new, prompt_tokens, cancelled, shape)
             self._busy.release()
+        if splitter is not None and "error" not in outcome:
+            rest, _ = splitter.finish()
+            if rest:
+                yield rest
         if "error" in outcome:
             raise ModelLoadError(f"generation failed: {summary(outcome['error'])}")
 
-    def _finish_turn(self, history: Optional[List[Dict[str, str]]], parts: List[str], outcome: Dict[str, Any],
-                     max_new: int, prompt_tokens: int, cancelled: bool) -> None:
+    def _chat_history(self, history: List[Dict[str, Any]], shape: _Shape) -> Any:
+        import openvino_genai
+
+        chat = openvino_genai.ChatHistory(history)
+        if shape.offer:
+            chat.set_tools([t.as_template_dict() for t in shape.tools])
+        return chat
+
+    def _finish_turn(self, history: Optional[List[Dict[str, Any]]], parts: List[str], outcome: Dict[str, Any],
+                     max_new: int, prompt_tokens: int, cancelled: bool, shape: _Shape = _Shape()) -> None:
         result = outcome.get("result")
+        text = result.texts[0] if result is not None and getattr(result, "texts", None) else "".join(parts)
+        calls: List[ToolCall] = []
+        if shape.forced:
+            call = forced_call(text, shape.tools, shape.choice)
+            calls, text = ([call], "") if call is not None else ([], text)
+        elif shape.choice == "auto" and shape.tools:
+            text, calls = parse(text, shape.tools, self._tokenizer.chat_template or "")
+        self.last_reply = Reply(text, calls)
         if history is not None:
-            reply = result.texts[0] if result is not None and getattr(result, "texts", None) else "".join(parts)
-            self._messages = history + [{"role": "assistant", "content": reply}]
+            message: Dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function",
+                                          "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            self._messages = history + [message]
         if result is None:
             return
         perf = result.perf_metrics
@@ -326,22 +431,21 @@ class ChatSession:
 
     # -- context window -------------------------------------------------------------------
 
-    def _count(self, messages: List[Dict[str, str]], *, add_generation_prompt: bool = True) -> int:
-        import openvino_genai
-
-        text = self._tokenizer.apply_chat_template(openvino_genai.ChatHistory(messages),
+    def _count(self, messages: List[Dict[str, Any]], *, add_generation_prompt: bool = True,
+               shape: _Shape = _Shape()) -> int:
+        text = self._tokenizer.apply_chat_template(self._chat_history(messages, shape),
                                                    add_generation_prompt=add_generation_prompt)
         return int(self._tokenizer.encode(text, add_special_tokens=False).input_ids.shape[1])
 
-    def _fit_turn(self, user: Dict[str, str], opts: GenerationOptions) -> tuple:
+    def _fit_turn(self, user: Optional[Dict[str, str]], opts: GenerationOptions, shape: _Shape = _Shape()) -> tuple:
         """The history for this turn, trimmed to the window, and how many tokens the reply may use.
 
         While the prompt plus a reserve for the reply does not fit, the oldest exchange (a user
         message and the replies after it) is dropped; the system prompt never is. A message that
         leaves no room for even one token on its own is an error.
         """
-        history = self._messages + [user]
-        count = self._count(history)
+        history = self._messages + ([user] if user is not None else [])
+        count = self._count(history, shape=shape)
         limit = self.context_limit
         if limit is None:
             return history, opts.max_new_tokens, count
@@ -356,13 +460,13 @@ class ChatSession:
                 end += 1
             dropped += end - first
             history = history[:first] + history[end:]
-            count = self._count(history)
+            count = self._count(history, shape=shape)
         if count >= limit:
             raise ContextOverflowError(
                 f"the message needs {count} tokens with the system prompt, but the context window is "
                 f"{limit}; shorten it or raise --max-context")
         if dropped:
-            self._messages = history[:-1]
+            self._messages = history[:-1] if user is not None else history
             self._notice(f"dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit "
                          f"the {limit}-token context window")
         return history, min(opts.max_new_tokens, limit - count), count

@@ -67,8 +67,32 @@ class OutputExistsError(ConversionError):
     """The output path exists and --force was not given."""
 
 
+class RequestError(OvchatError):
+    """A request to `ovchat serve` that cannot be served as sent, in domain terms: ``param`` names
+    the request field at fault (or None), ``code`` is a short machine-readable reason. The
+    server's engine and request schema raise these; only its HTTP layer knows status codes."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class InvalidRequestError(RequestError):
+    """Malformed, out of range, unsupported, or too long for the context window."""
+
+
+class ServerBusyError(RequestError):
+    """Every slot and every queue place is taken; retry shortly."""
+
+
+class EngineUnavailableError(RequestError):
+    """The model is loading, restarting after a crash, or the server is shutting down."""
+
+
 class APIError(OvchatError):
-    """A request to `ovchat serve` that cannot be served as sent, in OpenAI's error terms.
+    """An HTTP answer of `ovchat serve` other than a success, in OpenAI's error terms (the HTTP
+    layer turns RequestErrors into these).
 
     ``status`` is the HTTP status, ``param`` the request field at fault (or None), ``code`` a
     short machine-readable reason and ``kind`` OpenAI's error ``type``.

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Callable, List
 
 from ovchat import pages
 from ovchat.modelfiles import MODEL_BIN
@@ -63,12 +63,9 @@ def warm_up_ids(tokenizer: Any) -> List[int]:
     return ids[:WARM_UP_TOKENS]
 
 
-def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
-    """One short generation from ``token_ids`` (two new tokens: a prefill and a decode step),
-    with the model's weight pages dropped while it runs and after it."""
-    import numpy as np
-    import openvino as ov
-
+def with_pages_dropped(model_path: Path, work: Callable[[], Any]) -> Any:
+    """Run ``work`` (the first inference of a freshly compiled pipeline) while a helper thread
+    drops the model file's pages from this process as they are read, then drop them once more."""
     files = weight_files(model_path)
     madvise = pages.madvise() if files else None
     done = threading.Event()
@@ -80,18 +77,27 @@ def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
             interval = min(_LONGEST_DROP_S, interval * 1.5)
 
     helper = threading.Thread(target=dropper, name="ovchat-drop-pages", daemon=True) if madvise else None
-    config = pipe.get_generation_config()
-    config.max_new_tokens = config.min_new_tokens = 2
-    config.ignore_eos, config.do_sample = True, False
     start = time.perf_counter()
     try:
         if helper:
             helper.start()
-        pipe.generate(ov.Tensor(np.array([token_ids], dtype=np.int64)), config)
+        return work()
     finally:
         done.set()
         if helper:
             helper.join()
-    dropped = pages.drop_file_pages(files, madvise) if madvise else 0
-    log.info("warm-up took %.2f s; %d MB of weight-file mappings dropped", time.perf_counter() - start,
-             dropped >> 20)
+        dropped = pages.drop_file_pages(files, madvise) if madvise else 0
+        log.info("warm-up took %.2f s; %d MB of weight-file mappings dropped", time.perf_counter() - start,
+                 dropped >> 20)
+
+
+def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
+    """One short generation from ``token_ids`` (two new tokens: a prefill and a decode step) of an
+    LLMPipeline, with the model's weight pages dropped while it runs and after it."""
+    import numpy as np
+    import openvino as ov
+
+    config = pipe.get_generation_config()
+    config.max_new_tokens = config.min_new_tokens = 2
+    config.ignore_eos, config.do_sample = True, False
+    with_pages_dropped(model_path, lambda: pipe.generate(ov.Tensor(np.array([token_ids], dtype=np.int64)), config))

@@ -4,8 +4,9 @@
 Starts its own server on a free loopback port (or uses --url, which must be a loopback
 address), then for each concurrency level runs that many clients, each sending chat
 completions one after another, until the level has sent its requests or used its time. It
-reports requests/s, completion tokens/s, p50 and p99 latency and errors per level, and the
-ratio of the highest level's token throughput to one client's. Every loop is bounded in
+reports requests/s, completion tokens/s, p50 and p99 latency and errors per level, the p99 of
+/health while the level runs (a probe every 50 ms: the API must stay responsive under load), and
+the ratio of the highest level's token throughput to one client's. Every loop is bounded in
 requests and in time, and the script stops by itself (and stops the server it started).
 
     python scripts/load_test.py                       # the default model, levels 1,4,8
@@ -53,6 +54,8 @@ class Level:
     p50_s: float
     p99_s: float
     completion_tokens: int
+    health_p99_s: float
+    health_max_s: float
     error_samples: List[str]
 
 
@@ -169,14 +172,35 @@ def run_level(url: str, model: str, clients: int, args, headers: dict) -> Level:
         finally:
             http.close()
 
+    health: List[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        http = Http(url, {}, timeout=args.request_timeout)
+        try:
+            while not done.wait(0.05):
+                start = time.perf_counter()
+                try:
+                    http.request("GET", "/health")
+                except (OSError, HTTPException):
+                    continue
+                health.append(time.perf_counter() - start)
+        finally:
+            http.close()
+
+    prober = threading.Thread(target=probe, daemon=True)
     start = time.perf_counter()
+    prober.start()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
+    done.set()
+    prober.join()
     seconds = time.perf_counter() - start
     return Level(clients=clients, requests=len(latencies), errors=len(errors), seconds=round(seconds, 2),
                  requests_per_s=round(len(latencies) / seconds, 3), tokens_per_s=round(tokens[0] / seconds, 1),
                  p50_s=round(percentile(latencies, 50), 3), p99_s=round(percentile(latencies, 99), 3),
-                 completion_tokens=tokens[0], error_samples=errors[:3])
+                 completion_tokens=tokens[0], health_p99_s=round(percentile(health, 99), 4),
+                 health_max_s=round(max(health, default=float("nan")), 4), error_samples=errors[:3])
 
 
 def main() -> int:
@@ -235,10 +259,11 @@ def main() -> int:
                           f"throughput_ratio_{top.clients}_to_{base.clients}": ratio}, indent=2))
     else:
         print(f"model {model} at {url}, {args.max_tokens} tokens asked per reply")
-        print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")
+        print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
+              f"{'/health p99 ms':>14}")
         for l in levels:
             print(f"{l.clients:>7} {l.requests:>8} {l.errors:>6} {l.requests_per_s:>7.2f} {l.tokens_per_s:>7.1f} "
-                  f"{l.p50_s:>7.2f} {l.p99_s:>7.2f}")
+                  f"{l.p50_s:>7.2f} {l.p99_s:>7.2f} {1000 * l.health_p99_s:>14.1f}")
         print(f"token throughput, {top.clients} clients / {base.clients}: {ratio}x")
         for l in levels:
             for sample in l.error_samples:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +34,12 @@ class Server:
         # No retries: a 429 or 5xx must show up as it is, not be retried away.
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
 
-    def post(self, path: str, body=None, *, content=None, key: str = KEY, **kw) -> httpx2.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx2.post(self.url + path, json=body, content=content, headers=headers, timeout=120, **kw)
+    def post(self, path: str, body=None, *, content=None, key: str = KEY, headers=None, **kw) -> httpx2.Response:
+        sent = {"Authorization": f"Bearer {key}"} if key else {}
+        if content is not None:
+            sent["Content-Type"] = "application/json"  # as every client sends JSON
+        sent.update(headers or {})
+        return httpx2.post(self.url + path, json=body, content=content, headers=sent, timeout=120, **kw)
 
     def log(self) -> str:
         self.proc._drain()
@@ -184,9 +188,19 @@ def test_each_bad_request_gets_its_status_and_error_shape(server):
         (chat, {"body": {**ok, "model": "gpt-4o"}}, 400, "model", "model_not_found"),
         (chat, {"body": {"model": server.model}}, 400, "messages", None),
         (chat, {"body": {**ok, "messages": "hi"}}, 400, "messages", None),
-        (chat, {"body": {**ok, "messages": [{"role": "tool", "content": "x"}]}}, 400, "messages[0].role", None),
+        (chat, {"body": {**ok, "messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role", None),
+        (chat, {"body": {**ok, "messages": [{"role": "tool", "content": "x"}]}}, 400, "messages[0].tool_call_id", None),
         (chat, {"body": {**ok, "messages": [{"role": "user", "content": 5}]}}, 400, "messages[0].content", None),
-        (chat, {"body": {**ok, "n": 2}}, 400, "n", None),
+        (chat, {"body": {**ok, "n": 2}}, 400, "n", None),  # greedy choices would all be the same
+        (chat, {"body": {**ok, "n": 9, "temperature": 1}}, 400, "n", None),
+        (chat, {"body": {**ok, "logprobs": True, "top_logprobs": 2}}, 400, "top_logprobs", "unsupported_parameter"),
+        (chat, {"body": {**ok, "response_format": {"type": "xml"}}}, 400, "response_format", None),
+        (chat, {"body": {**ok, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}}, 400,
+         "tools[0].function.name", None),
+        (chat, {"body": {**ok, "tool_choice": "required"}}, 400, "tool_choice", None),
+        (chat, {"body": {**ok, "stop": ["x"] * 17}}, 400, "stop", None),
+        (chat, {"content": json.dumps({**ok, "stop": ["\ud800"]}).encode()},  # a lone surrogate, escaped
+         400, "stop[0]", "invalid_string"),
         (chat, {"body": {**ok, "temperature": -1}}, 400, "temperature", None),
         (chat, {"body": {**ok, "temperature": "hot"}}, 400, "temperature", None),
         (chat, {"body": {**ok, "top_p": 1.5}}, 400, "top_p", None),
@@ -205,6 +219,8 @@ def test_each_bad_request_gets_its_status_and_error_shape(server):
         ("/v1/completions", {"body": {"model": server.model}}, 400, "prompt", None),
         ("/v1/completions", {"body": {"model": server.model, "prompt": ["a", "b"]}}, 400, "prompt", None),
         ("/v1/completions", {"body": {"model": server.model, "prompt": "a", "echo": True}}, 400, "echo", None),
+        ("/v1/completions", {"content": b'{"model": "' + server.model.encode() + b'", "prompt": "\\udfff"}'}, 400,
+         "prompt", "invalid_string"),
         ("/v1/nowhere", {"body": ok}, 404, None, "not_found"),
     ]
     for path, kw, status, param, code in cases:
@@ -297,25 +313,25 @@ def test_a_model_that_cannot_load_stops_the_server_with_one_line(demo_model, tmp
 
 
 def test_health_is_503_and_generation_refused_until_the_model_is_loaded(tmp_path):
-    """In-process, with a backend that is never loaded (the app's lifespan does not run here)."""
+    """In-process, with an engine that is never started (the app's lifespan does not run here)."""
     from starlette.testclient import TestClient
 
-    from ovchat.devices import DeviceChoice
-    from ovchat.server.app import create_app
-    from ovchat.server.backend import Backend
+    from ovchat.server.app import ServerSettings, create_app
+    from ovchat.server.client import EngineClient
+    from ovchat.server.engine import EngineSpec
 
-    backend = Backend(tmp_path, DeviceChoice("CPU", "test", False), context_limit=64, max_running=1,
-                      kv_cache_gb=1)
-    client = TestClient(create_app(backend, "m"))
+    engine = EngineClient(EngineSpec(tmp_path, "CPU", {}, max_running=1, kv_cache_gb=1))
+    client = TestClient(create_app(engine, ServerSettings("m", context_limit=64)))
     health = client.get("/health")
-    assert health.status_code == 503 and health.json() == {"status": "loading"}
+    assert health.status_code == 503 and health.json()["status"] == "loading"
     assert health.headers["retry-after"]
     refused = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION})
     assert_error(refused, 503, code="model_not_ready")
     assert refused.headers["retry-after"]
-    backend.error = "could not load m on CPU: broken"
-    assert client.get("/health").json() == {"status": "error", "error": backend.error}
-    assert_error(client.post("/v1/completions", json={"model": "m", "prompt": "x"}), 503, code="model_not_ready")
+    engine.state, engine.error = "failed", "could not load m on CPU: broken"
+    failed = client.get("/health").json()
+    assert failed["status"] == "error" and failed["error"] == engine.error
+    assert_error(client.post("/v1/completions", json={"model": "m", "prompt": "x"}), 503, code="failed")
 
 
 def test_incremental_text_adds_up_to_a_whole_decode(demo_model):
@@ -324,7 +340,7 @@ def test_incremental_text_adds_up_to_a_whole_decode(demo_model):
 
     import openvino_genai
 
-    from ovchat.server.backend import IncrementalText
+    from ovchat.server.responses import IncrementalText
 
     tokenizer = openvino_genai.Tokenizer(str(demo_model))
     rnd = random.Random(0)
@@ -359,17 +375,18 @@ def test_the_serve_extra_is_a_small_stack():
 def test_admission_queues_refuses_and_never_leaks_a_slot():
     import asyncio
 
-    from ovchat.errors import APIError
-    from ovchat.server.app import Admission
+    from ovchat.errors import ServerBusyError
+    from ovchat.server.app import Admission, to_api_error
 
     async def scenario():
         admission = Admission(running=1, waiting=1)
         first = await admission.acquire()
         waiter = asyncio.ensure_future(admission.acquire())
         await asyncio.sleep(0)
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(ServerBusyError) as refused:
             await admission.acquire()
-        assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+        answer = to_api_error(refused.value)
+        assert answer.status == 429 and answer.headers == {"Retry-After": "1"}
         # The waiter gives up in the same instant the slot is handed to it: the slot passes on.
         waiter.cancel()
         first.release()
@@ -395,5 +412,377 @@ def test_admission_queues_refuses_and_never_leaks_a_slot():
         late.cancel()
         await asyncio.sleep(0)
         assert late.cancelled() and admission.busy == 0
+        # Shutting down: a waiter is refused at once, and so is every newcomer.
+        holder = await admission.acquire()
+        waiting = asyncio.ensure_future(admission.acquire())
+        await asyncio.sleep(0)
+        assert admission.close() == 1
+        with pytest.raises(EngineUnavailableError):
+            await waiting
+        with pytest.raises(EngineUnavailableError):
+            await admission.acquire()
+        holder.release()
+
+    from ovchat.errors import EngineUnavailableError
 
     asyncio.run(scenario())
+
+
+# -- structured output, tools, logprobs, n -----------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+LIGHTS = {"type": "function", "function": {
+    "name": "set_light", "description": "Turn a light on or off.",
+    "parameters": {"type": "object", "properties": {
+        "room": {"type": "string", "enum": ["porch", "kitchen", "bedroom"]}, "on": {"type": "boolean"}},
+        "required": ["room", "on"], "additionalProperties": False}}}
+# A Hermes-style template (as Qwen 2.5's), which shows the model its tools and their calls.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou can call these functions. Answer with "
+    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call> to call one.\n<tools>\n"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def _valid_arguments(arguments: str, tool: dict) -> dict:
+    """The arguments as JSON, checked against the function's (small) parameter schema."""
+    value = json.loads(arguments)
+    schema = tool["function"]["parameters"]
+    assert set(value) == set(schema["required"]), value
+    for name, spec in schema["properties"].items():
+        kind = {"string": str, "boolean": bool}[spec["type"]]
+        assert isinstance(value[name], kind), value
+        assert "enum" not in spec or value[name] in spec["enum"], value
+        assert "maxLength" not in spec or len(value[name]) <= spec["maxLength"], value
+    return value
+
+
+@pytest.fixture(scope="module")
+def tools_model(demo_model, tmp_path_factory):
+    """The demo model with a chat template that renders tools (the demo's own has no place for them)."""
+    import shutil
+
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401  (registers the tokenizer ops)
+
+    path = tmp_path_factory.mktemp("tools") / "smol-tools"
+    shutil.copytree(demo_model, path, ignore=shutil.ignore_patterns("ovchat.json"))
+    for name in ("openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+        model = ov.Core().read_model(path / name)
+        model.set_rt_info(TOOLS_TEMPLATE, "chat_template")
+        ov.save_model(model, path / f"new-{name}")
+        (path / f"new-{name}").replace(path / name)
+        (path / f"new-{name}".replace(".xml", ".bin")).replace(path / name.replace(".xml", ".bin"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tools_server(tools_model):
+    s = start_server(tools_model, "--max-concurrency", "4")
+    yield s
+    s.proc.kill()
+
+
+@pytest.mark.slow
+def test_json_schema_reply_validates_and_json_object_is_an_object(server):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "country": {"type": "string", "maxLength": 30},
+                                               "capital": {"type": "boolean"}},
+              "required": ["city", "country", "capital"], "additionalProperties": False}
+    reply = server.client().chat.completions.create(
+        model=server.model, messages=QUESTION, max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"city", "country", "capital"} and isinstance(value["capital"], bool)
+    assert all(isinstance(value[k], str) and len(value[k]) <= 30 for k in ("city", "country"))
+    whole = server.client().chat.completions.create(model=server.model, messages=QUESTION, max_tokens=60,
+                                                    response_format={"type": "json_object"})
+    assert whole.choices[0].finish_reason == "length" or isinstance(json.loads(whole.choices[0].message.content), dict)
+
+
+@pytest.mark.slow
+def test_named_and_required_tool_calls_plain_and_streamed(server):
+    """The demo's template has no place for tools, yet forced calls work: a grammar makes them."""
+    client = server.client()
+    ask = [{"role": "user", "content": "What is the weather in Paris? Use celsius."}]
+    named = client.chat.completions.create(model=server.model, messages=ask, tools=[WEATHER, LIGHTS], max_tokens=80,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    _valid_arguments(call.function.arguments, WEATHER)
+
+    lights = [{"role": "user", "content": "Turn on the porch light."}]
+    required = client.chat.completions.create(model=server.model, messages=lights, tools=[WEATHER, LIGHTS],
+                                              tool_choice="required", max_tokens=80)
+    call = required.choices[0].message.tool_calls[0]
+    assert required.choices[0].finish_reason == "tool_calls"
+    _valid_arguments(call.function.arguments, WEATHER if call.function.name == "get_weather" else LIGHTS)
+
+    chunks = list(client.chat.completions.create(model=server.model, messages=ask, tools=[WEATHER], stream=True,
+                                                 tool_choice="required", max_tokens=80))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    _valid_arguments(arguments, WEATHER)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+    refused = server.post("/v1/chat/completions", {"model": server.model, "messages": ask, "tools": [WEATHER]})
+    assert_error(refused, 400, param="tool_choice", code="tools_not_supported")
+
+
+@pytest.mark.slow
+def test_a_tool_round_trip_call_result_answer(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use celsius."}]
+    first = client.chat.completions.create(model=server.model, messages=messages, tools=[WEATHER],
+                                           tool_choice="required", max_tokens=80)
+    call = first.choices[0].message.tool_calls[0]
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "clear"})}]
+    answer = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+@pytest.mark.slow
+def test_auto_tools_through_a_template_that_renders_them(tools_server):
+    client = tools_server.client()
+    ask = [{"role": "user", "content": "Turn on the porch light."}]
+    plain = client.chat.completions.create(model=tools_server.model, messages=ask, max_tokens=30)
+    offered = client.chat.completions.create(model=tools_server.model, messages=ask, tools=[LIGHTS, WEATHER],
+                                             max_tokens=60)
+    # The template rendered the tools: the prompt grew by their descriptions.
+    assert offered.usage.prompt_tokens > plain.usage.prompt_tokens + 60
+    choice = offered.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            _valid_arguments(call.function.arguments, LIGHTS if call.function.name == "set_light" else WEATHER)
+    else:
+        assert choice.finish_reason in ("stop", "length") and choice.message.content is not None
+    # A call written in the template's format comes back as a call, in the round trip's history too.
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "set_light", "arguments": '{"room": "porch", "on": true}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"}]
+    after = client.chat.completions.create(model=tools_server.model, messages=history, tools=[LIGHTS], max_tokens=20)
+    assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.slow
+def test_logprobs_of_the_chosen_tokens_and_n_choices(server):
+    client = server.client()
+    reply = client.chat.completions.create(model=server.model, messages=QUESTION, max_tokens=12, logprobs=True)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and 0 < len(content) <= 12
+    assert all(c.logprob <= 0 and c.top_logprobs == [] for c in content)
+    assert "".join(c.token for c in content).strip() == reply.choices[0].message.content.strip()
+    text = client.completions.create(model=server.model, prompt=ENDLESS, max_tokens=6, logprobs=0)
+    assert len(text.choices[0].logprobs.token_logprobs) == 6
+
+    two = client.chat.completions.create(model=server.model, messages=STORY, max_tokens=16, n=2, temperature=1.0,
+                                         seed=7)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.usage.completion_tokens == 32 and all(c.message.content for c in two.choices)
+    chunks = list(client.chat.completions.create(model=server.model, messages=STORY, max_tokens=8, n=2,
+                                                 temperature=1.0, stream=True))
+    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finished == [0, 1]
+
+
+# -- the HTTP edge -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_metrics_are_prometheus_text(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server.client().chat.completions.create(model=server.model, messages=QUESTION, max_tokens=4)
+    families = {f.name: f for f in text_string_to_metric_families(httpx2.get(
+        server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text)}
+    ok = [s for s in families["ovchat_requests"].samples
+          if s.name == "ovchat_requests_total" and s.labels["status"] == "200"]
+    assert ok and sum(s.value for s in ok) >= 1
+    assert next(s for s in families["ovchat_generation_tokens"].samples).value >= 4
+    ttft = families["ovchat_time_to_first_token_seconds"]
+    assert next(s.value for s in ttft.samples if s.name.endswith("_count")) >= 1
+    for gauge in ("ovchat_requests_running", "ovchat_requests_waiting", "ovchat_kv_cache_usage_ratio"):
+        assert families[gauge].samples[0].value >= 0
+    assert httpx2.get(server.url + "/metrics").status_code == 401  # behind the key, as the API
+
+
+@pytest.mark.slow
+def test_health_answers_at_once_while_a_long_prompt_is_prefilled(server):
+    """The engine is a process of its own: a long prefill cannot hold the HTTP side's GIL."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 500  # ~5,000 tokens
+    done = threading.Event()
+
+    def prefill():
+        server.post("/v1/completions", {"model": server.model, "prompt": long_prompt, "max_tokens": 2})
+        done.set()
+
+    worker = threading.Thread(target=prefill)
+    worker.start()
+    time.sleep(0.3)
+    latencies = []
+    while not done.is_set() and len(latencies) < 200:
+        start = time.perf_counter()
+        assert httpx2.get(server.url + "/health", timeout=30).status_code == 200
+        latencies.append(time.perf_counter() - start)
+        time.sleep(0.02)
+    worker.join()
+    assert len(latencies) >= 10, "the prefill ended before /health could be measured during it"
+    latencies.sort()
+    # Measured on a 2-core machine: a few milliseconds. Bounds with room for a busy machine.
+    assert latencies[len(latencies) // 2] < 0.1 and latencies[-1] < 1.0, latencies[-5:]
+
+
+@pytest.mark.slow
+def test_fifty_thousand_stop_strings_are_refused_at_once(server):
+    start = time.perf_counter()
+    refused = server.post("/v1/chat/completions", {"model": server.model, "messages": QUESTION,
+                                                   "stop": [f"s{i}" for i in range(50_000)]})
+    assert_error(refused, 400, param="stop")
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.slow
+def test_foreign_host_and_non_json_bodies_are_refused(server):
+    body = {"model": server.model, "messages": QUESTION, "max_tokens": 2}
+    for host in ("evil.example.com", "127.0.0.1.nip.io", "attacker:8000"):
+        assert_error(server.post("/v1/chat/completions", body, headers={"Host": host}), 403, code="host_not_allowed")
+    for host in ("localhost", "127.0.0.1", "[::1]:8000", "localhost:1234"):
+        assert server.post("/v1/chat/completions", body, headers={"Host": host}).status_code == 200, host
+    plain = server.post("/v1/chat/completions", content=json.dumps(body).encode(), headers={"Content-Type": "text/plain"})
+    assert_error(plain, 415, code="unsupported_media_type")
+    assert "access-control-allow-origin" not in plain.headers  # CORS is off unless asked for
+
+
+@pytest.mark.slow
+def test_allow_host_and_cors_origin_when_asked_for(demo_model):
+    s = start_server(demo_model, "--allow-host", "ovchat.box.lan", "--cors-origin", "http://app.box.lan")
+    try:
+        body = {"model": s.model, "messages": QUESTION, "max_tokens": 2}
+        assert s.post("/v1/chat/completions", body, headers={"Host": "ovchat.box.lan"}).status_code == 200
+        assert_error(s.post("/v1/chat/completions", body, headers={"Host": "other.lan"}), 403)
+        allowed = s.post("/v1/chat/completions", body, headers={"Origin": "http://app.box.lan"})
+        assert allowed.headers["access-control-allow-origin"] == "http://app.box.lan"
+        other = s.post("/v1/chat/completions", body, headers={"Origin": "http://evil.example.com"})
+        assert "access-control-allow-origin" not in other.headers
+        preflight = httpx2.options(s.url + "/v1/chat/completions", headers={
+            "Origin": "http://app.box.lan", "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
+    finally:
+        s.proc.kill()
+
+
+@pytest.mark.slow
+def test_a_killed_engine_is_reported_and_restarted(demo_model):
+    import os
+    import signal
+
+    s = start_server(demo_model, "--max-concurrency", "2")
+    try:
+        pid = httpx2.get(s.url + "/health").json()["engine"]["pid"]
+        endless = {"model": s.model, "prompt": ENDLESS, "max_tokens": 4000, "stream": True}
+        with httpx2.stream("POST", s.url + "/v1/completions", json=endless, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            os.kill(pid, signal.SIGKILL)
+            tail = [line for line in lines if line.startswith("data: ")]
+        error = json.loads(tail[-1][6:])
+        assert error["error"]["code"] == "engine_restarting" and error["error"]["type"] == "server_error"
+        refused = s.post("/v1/completions", {"model": s.model, "prompt": "Hi", "max_tokens": 2}, key=None)
+        if refused.status_code != 200:  # still restarting
+            assert_error(refused, 503, code="engine_restarting" if "restarting" in refused.text else None)
+        deadline = time.monotonic() + 120
+        while httpx2.get(s.url + "/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        health = httpx2.get(s.url + "/health").json()
+        assert health["status"] == "ok" and health["engine"]["restarts"] == 1 and health["engine"]["pid"] != pid
+        assert s.post("/v1/completions", {"model": s.model, "prompt": "Hi", "max_tokens": 2}, key=None).status_code == 200
+        assert "stopped unexpectedly" in s.log() and "Traceback" not in s.log()
+    finally:
+        s.proc.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_refuses_the_queue_and_ends_streams_with_an_event(demo_model):
+    s = start_server(demo_model, "--max-concurrency", "1", "--max-queue", "2")
+    try:
+        endless = {"model": s.model, "prompt": ENDLESS, "max_tokens": 4000, "stream": True}
+        queued: dict = {}
+
+        def wait_in_queue():
+            queued["response"] = s.post("/v1/completions", {"model": s.model, "prompt": "Hi", "max_tokens": 2},
+                                        key=None)
+
+        with httpx2.stream("POST", s.url + "/v1/completions", json=endless, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            waiter = threading.Thread(target=wait_in_queue)
+            waiter.start()
+            time.sleep(0.5)  # the second request is waiting for the slot
+            s.proc.proc.send_signal(signal.SIGTERM)
+            waiter.join(timeout=10)
+            assert queued["response"].status_code == 503 and "shutting down" in queued["response"].text
+            start = time.monotonic()
+            tail = [line for line in lines if line.startswith("data: ")]
+            assert time.monotonic() - start < 10
+        assert json.loads(tail[-1][6:])["error"]["code"] == "shutting_down"
+        assert s.proc.proc.wait(timeout=30) is not None
+        log = s.log()
+        assert "waiting request refused" in log and "cut off" in log and "Traceback" not in log
+    finally:
+        s.proc.kill()
+
+
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n{%- endif %}")
+
+
+@pytest.mark.slow
+def test_a_thinking_template_gives_reasoning_content(tools_model, tmp_path_factory):
+    """A template that opens <think> in the generation prompt (as reasoning models' do): what the
+    model writes until </think> is reasoning_content. The demo never closes the tag, so all of
+    its reply is reasoning; a model without thinking tags gets none (the other tests)."""
+    import shutil
+
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401
+
+    path = tmp_path_factory.mktemp("thinking") / "smol-thinking"
+    shutil.copytree(tools_model, path)
+    for name in ("openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+        model = ov.Core().read_model(path / name)
+        model.set_rt_info(THINKING_TEMPLATE, "chat_template")
+        ov.save_model(model, path / f"new-{name}")
+        (path / f"new-{name}").replace(path / name)
+        (path / f"new-{name}".replace(".xml", ".bin")).replace(path / name.replace(".xml", ".bin"))
+    s = start_server(path)
+    try:
+        reply = s.post("/v1/chat/completions", {"model": s.model, "messages": QUESTION, "max_tokens": 12},
+                       key=None).json()
+        message = reply["choices"][0]["message"]
+        assert message["reasoning_content"] and not message["content"]
+        chunks = [json.loads(line[6:]) for line in httpx2.post(
+            s.url + "/v1/chat/completions", json={"model": s.model, "messages": QUESTION, "max_tokens": 12,
+                                                  "stream": True}, timeout=60).text.splitlines()
+            if line.startswith("data: {")]
+        streamed = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks if c["choices"])
+        assert streamed == message["reasoning_content"]
+    finally:
+        s.proc.kill()

@@ -158,7 +158,8 @@ def open_checkpoint(path, *, keep_quantized: bool = False) -> Checkpoint:
     ``keep_quantized``: a GGUF's quantized tensors come back as QuantizedWeight (their own
     blocks) rather than dequantized to float16.
     """
-    from ovchat.convert.gguf import GGUF_MAGIC, open_gguf
+    from ovchat.convert.gguf import open_gguf
+    from ovchat.gguffile import MAGIC as GGUF_MAGIC
     from ovchat.convert.hf import open_hf
 
     path = Path(path).expanduser()

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ovchat import pages
-from ovchat.gguffile import MAGIC as GGUF_MAGIC, FormatError, GGUFFile, TensorInfo
+from ovchat.gguffile import FormatError, GGUFFile, TensorInfo
 from ovchat.convert.checkpoint import Checkpoint
 from ovchat.convert.tensors import QuantizedWeight, Weight
 from ovchat.errors import CheckpointError, UnsupportedArchitectureError

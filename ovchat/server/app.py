@@ -1,10 +1,14 @@
-"""The HTTP side of `ovchat serve`: OpenAI's routes on Starlette, over a ``Backend``.
+"""The HTTP side of `ovchat serve`: OpenAI's routes on Starlette, over an ``EngineClient``.
 
-Every failure a client can cause is an ``APIError`` and leaves as OpenAI's error object
-``{"error": {"message", "type", "param", "code"}}`` with its status; only a bug is a 500, and
-even then the body is that object without a traceback. Requests pass, outermost first, through
-the access log (one line each), the API-key check, and the route, which reads the body with a
-size limit, validates it (``schema``), waits for a slot (``Admission``) and generates.
+Requests pass, outermost first, through the access log (one line each, and the metrics), the
+Host check (a loopback server answers only loopback names: DNS rebinding), CORS (off unless
+asked for), the API-key check, and the route: it reads the JSON body with a size limit, checks
+it (``schema``), tokenizes it beside the event loop, waits for a slot (``Admission``), and
+relays the engine's tokens as OpenAI's objects (``responses``), whole or as server-sent events.
+
+Domain errors (``ovchat.errors.RequestError``) become HTTP statuses here and nowhere else, in
+OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``; only a bug is a 500,
+and even then the body is that object without a traceback.
 """
 
 from __future__ import annotations
@@ -13,23 +17,30 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
-import threading
 import time
-import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, Optional, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ovchat.errors import APIError, ModelLoadError
-from ovchat.server.backend import Backend, Piece, Prompt
-from ovchat.server.schema import GenerationRequest, parse_chat, parse_completion
+from ovchat import structured
+from ovchat.errors import (APIError, EngineUnavailableError, InvalidRequestError, RequestError, ServerBusyError,
+                           summary)
+from ovchat.options import GenerationOptions
+from ovchat.server.client import EngineClient
+from ovchat.server.engine import GenerationSettings
+from ovchat.server.metrics import Metrics
+from ovchat.server.responses import THINK_CLOSE, THINK_OPEN, Choice, Reasoning, Renderer, ToolPlan, usage
+from ovchat.server.schema import GenerationRequest, check_text, parse_chat, parse_completion
+from ovchat.toolcalls import template_offers_tools
 
 log = logging.getLogger("ovchat.server")
 access_log = logging.getLogger("ovchat.server.access")
@@ -44,10 +55,25 @@ CLIENT_CLOSED = 499
 _TOKENS = "ovchat.tokens"  # scope key where a route leaves its token counts for the access log
 _LEFT = "ovchat.client_left"  # scope key set when a client left in the middle of a stream
 _UNPROTECTED = ("/health",)
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
 class ClientGone(Exception):
     """The client disconnected while its request waited or ran."""
+
+
+def to_api_error(error: Exception) -> APIError:
+    """A domain error as the HTTP answer it deserves."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ServerBusyError):
+        return APIError(429, str(error), code=error.code, kind="rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(error, EngineUnavailableError):
+        headers = {"Retry-After": "2"} if error.code in ("model_not_ready", "engine_restarting") else {}
+        return APIError(503, str(error), code=error.code, kind="server_error", headers=headers)
+    if isinstance(error, RequestError):
+        return APIError(400, str(error), param=error.param, code=error.code)
+    return APIError(500, "internal server error; see the server log", kind="server_error")
 
 
 # -- admission --------------------------------------------------------------------------------
@@ -55,9 +81,10 @@ class ClientGone(Exception):
 class Admission:
     """At most ``running`` requests generate at once; up to ``waiting`` more wait their turn (FIFO).
 
-    Past that a request is refused at once with 429 and Retry-After, so a burst cannot pile up
-    unbounded work. A slot is released exactly once, and a waiter that gives up (its client
-    left) passes on a slot it was handed in the same instant.
+    Past that a request is refused at once (ServerBusyError: 429 with Retry-After), so a burst
+    cannot pile up unbounded work. A slot is released exactly once, and a waiter that gives up
+    (its client left) passes on a slot it was handed in the same instant. ``close`` refuses
+    every waiter and every newcomer (the server is shutting down).
     """
 
     def __init__(self, running: int, waiting: int):
@@ -65,30 +92,47 @@ class Admission:
         self.waiting = waiting
         self._free = running
         self._waiters: Deque[asyncio.Future] = collections.deque()
+        self._closed = False
 
     @property
     def busy(self) -> int:
         return self.running - self._free
 
+    @property
+    def queued(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
+
     async def acquire(self) -> "Slot":
+        if self._closed:
+            raise EngineUnavailableError("the server is shutting down", code="shutting_down")
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return Slot(self)
         if len(self._waiters) >= self.waiting:
-            raise APIError(429, f"the server is busy ({self.running} requests running, {len(self._waiters)} "
-                                "waiting); retry shortly", kind="rate_limit_error", code="server_busy",
-                           headers={"Retry-After": "1"})
+            raise ServerBusyError(f"the server is busy ({self.running} requests running, {len(self._waiters)} "
+                                  "waiting); retry shortly", code="server_busy")
         turn = asyncio.get_running_loop().create_future()
         self._waiters.append(turn)
         try:
             await turn
         except asyncio.CancelledError:
-            if not turn.cancelled():
+            if not turn.cancelled() and turn.exception() is None:
                 self._release()  # handed a slot just as we gave up: pass it on
             elif turn in self._waiters:  # _release may already have skipped and dropped it
                 self._waiters.remove(turn)
             raise
         return Slot(self)
+
+    def close(self) -> int:
+        """Refuse every waiter now and every later request; returns how many waited."""
+        self._closed = True
+        refused = 0
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_exception(EngineUnavailableError("the server is shutting down", code="shutting_down"))
+                refused += 1
+        return refused
 
     def _release(self) -> None:
         while self._waiters:
@@ -112,10 +156,12 @@ class Slot:
 # -- middleware ---------------------------------------------------------------------------------
 
 class AccessLog:
-    """One log line per request: method, path, status, prompt+completion tokens, duration."""
+    """One log line per request: method, path, status, prompt+completion tokens, duration; and
+    the request counters of /metrics."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, metrics: Optional[Metrics] = None):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -132,9 +178,82 @@ class AccessLog:
             await self.app(scope, receive, send_status)
         finally:
             tokens = scope.get(_TOKENS)
-            access_log.info("%s %s %s tokens=%s %.3fs%s", scope["method"], scope["path"],
-                            status.get("code", 500), f"{tokens[0]}+{tokens[1]}" if tokens else "-",
-                            time.perf_counter() - start, " (client left mid-stream)" if scope.get(_LEFT) else "")
+            seconds = time.perf_counter() - start
+            code = status.get("code", 500)
+            access_log.info("%s %s %s tokens=%s %.3fs%s", scope["method"], scope["path"], code,
+                            f"{tokens[0]}+{tokens[1]}" if tokens else "-", seconds,
+                            " (client left mid-stream)" if scope.get(_LEFT) else "")
+            if self.metrics is not None and scope["path"].startswith("/v1/"):
+                self.metrics.request_done(scope["path"], code, *(tokens or (0, 0)), seconds)
+
+
+class HostCheck:
+    """A server listening on a loopback address answers requests for loopback names only (403
+    otherwise): a web page cannot reach it by rebinding a DNS name of its own to 127.0.0.1."""
+
+    def __init__(self, app: Any, allowed: Optional[Sequence[str]]):
+        self.app = app
+        self.allowed = None if allowed is None else {h.lower() for h in allowed}
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or self.allowed is None:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        if _is_loopback_host(host) or _host_name(host) in self.allowed:
+            return await self.app(scope, receive, send)
+        response = error_response(APIError(403, f"requests for host {host or '(none)'!r} are not served here; this "
+                                                "server answers loopback names (start it with --allow-host NAME "
+                                                "to add one)", code="host_not_allowed"))
+        await response(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_loopback_host(host: str) -> bool:
+    name = _host_name(host)
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class CORS:
+    """Cross-origin access for the configured origins only (none by default): preflights are
+    answered and responses to those origins carry Access-Control-Allow-Origin."""
+
+    def __init__(self, app: Any, origins: Sequence[str]):
+        self.app = app
+        self.origins = set(origins)
+
+    def _allowed(self, origin: str) -> Optional[str]:
+        if "*" in self.origins:
+            return "*"
+        return origin if origin in self.origins else None
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")
+        allowed = self._allowed(origin) if origin else None
+        if scope["method"] == "OPTIONS" and allowed:
+            response = Response(status_code=204, headers={
+                "Access-Control-Allow-Origin": allowed, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Max-Age": "600"})
+            return await response(scope, receive, send)
+
+        async def send_with_origin(message: Dict[str, Any]) -> None:
+            if allowed and message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + [
+                    (b"access-control-allow-origin", allowed.encode("latin-1")), (b"vary", b"Origin")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_origin)
 
 
 class RequireKey:
@@ -173,7 +292,8 @@ class EventStream:
     """A server-sent-event response that stops its source as soon as the client disconnects.
 
     The source is closed on every exit (done, client gone, server shutting down), which cancels
-    the generation behind it; ``on_close`` then releases the request's slot.
+    the generation behind it; ``on_close`` then releases the request's slot. An error after the
+    200 has gone out can only be an event: the stream ends with it.
     """
 
     def __init__(self, events: AsyncIterator[Dict[str, Any]], on_close: Callable[[], None]):
@@ -205,8 +325,9 @@ class EventStream:
                 async for event in events:
                     await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
                 tail = b"data: [DONE]\n\n"
-            except APIError as e:  # after the 200 has gone out, an error can only be an event
-                tail = _sse(error_body(e))
+            except (RequestError, APIError) as e:
+                log.warning("a stream ended with an error: %s", e)
+                tail = _sse(error_body(to_api_error(e)))
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -238,31 +359,69 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 
 # -- the application ------------------------------------------------------------------------------
 
-def create_app(backend: Backend, model_id: str, *, api_key: Optional[str] = None, max_concurrency: int = 4,
-               max_queue: int = 16, max_body_bytes: int = MAX_BODY_BYTES,
-               on_load_failed: Callable[[str], None] = lambda _: None) -> Starlette:
-    """The ASGI app. The model starts loading (in a thread) when the app starts; until it has,
-    /health answers 503 and the generation routes 503 with Retry-After."""
-    admission = Admission(max_concurrency, max_queue)
+@dataclass
+class ServerSettings:
+    """What the HTTP side needs besides the engine."""
+
+    model_id: str
+    context_limit: Optional[int] = None
+    api_key: Optional[str] = None
+    max_concurrency: int = 4
+    max_queue: int = 16
+    max_body_bytes: int = MAX_BODY_BYTES
+    allowed_hosts: Optional[List[str]] = None  # None: no Host check (not bound to loopback)
+    cors_origins: List[str] = field(default_factory=list)
+    grace_s: float = 5.0
+
+
+@dataclass
+class _Prepared:
+    """A request made ready for the engine."""
+
+    ids: List[int]
+    settings: GenerationSettings
+    tools: ToolPlan
+    thinking: Optional[bool]  # None: the model has no thinking tags; else whether the prompt opened them
+
+
+def create_app(engine: EngineClient, settings: ServerSettings,
+               on_stopped: Callable[[], None] = lambda: None) -> Starlette:
+    """The ASGI app. The engine starts when the app starts; until it is ready /health answers
+    503 and the generation routes 503 with Retry-After. ``app.state.drain()`` begins a graceful
+    shutdown: waiters are refused at once, running streams get a final error event before the
+    grace period ends."""
+    admission = Admission(settings.max_concurrency, settings.max_queue)
+    metrics = Metrics(settings.model_id, lambda: {
+        "ovchat_requests_running": admission.busy, "ovchat_requests_waiting": admission.queued,
+        "ovchat_kv_cache_usage_ratio": engine.stats.get("kv_cache_usage", 0.0),
+        "ovchat_engine_restarts_total": engine.restarts})
     created = int(time.time())
+    model_id = settings.model_id
 
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length", "")
-        too_large = APIError(413, f"the request body is larger than {max_body_bytes} bytes",
+        too_large = APIError(413, f"the request body is larger than {settings.max_body_bytes} bytes",
                              code="request_too_large")
-        if declared.isdigit() and int(declared) > max_body_bytes:
+        if declared.isdigit() and int(declared) > settings.max_body_bytes:
             await _drain(request)
             raise too_large
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            await _drain(request)
+            raise APIError(415, "send the body as JSON, with 'Content-Type: application/json'",
+                           code="unsupported_media_type")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > max_body_bytes:
+            if len(body) > settings.max_body_bytes:
                 await _drain(request, len(body))
                 raise too_large
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON are ValueErrors
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+        check_text(value)
+        return value
 
     async def _drain(request: Request, seen: int = 0) -> None:
         with contextlib.suppress(ClientDisconnect, RuntimeError):  # RuntimeError: already consumed
@@ -271,53 +430,81 @@ def create_app(backend: Backend, model_id: str, *, api_key: Optional[str] = None
                 if seen > _DRAIN_LIMIT:
                     break
 
-    def require_ready() -> None:
-        if not backend.ready:
-            message = backend.error or "the model is still loading; retry shortly"
-            raise APIError(503, message, kind="server_error", code="model_not_ready",
-                           headers={} if backend.error else {"Retry-After": "2"})
+    def prepare(parsed: GenerationRequest) -> _Prepared:
+        """Template and tokenize (in a worker thread), fit the window, and say how to generate."""
+        tokenizer = engine.tokenizer
+        template = tokenizer.chat_template or ""
+        plan = ToolPlan(parsed.tools, parsed.tool_choice, template)
+        thinking: Optional[bool] = None
+        if parsed.messages is not None:
+            if not template:
+                raise InvalidRequestError(f"the model {model_id} has no chat template; use /v1/completions",
+                                          param="messages", code="no_chat_template")
+            offer = plan.parsed or (plan.forced and template_offers_tools(template))
+            if plan.parsed and not template_offers_tools(template):
+                raise InvalidRequestError(
+                    f"the chat template of {model_id} has no place for tools, so the model cannot choose to call "
+                    "one; ask for a call with tool_choice 'required' or a named function (forced by a grammar)",
+                    param="tool_choice", code="tools_not_supported")
+            try:
+                text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True,
+                                                     tools=[t.as_template_dict() for t in parsed.tools] if offer else None)
+            except RuntimeError as e:
+                # Templates may refuse some orders of roles (e.g. two user messages in a row).
+                raise InvalidRequestError(f"the model's chat template refused the messages: {summary(e)}",
+                                          param="messages") from None
+            if THINK_OPEN in template or THINK_CLOSE in template:  # a reasoning model's template
+                thinking = text.rstrip().endswith(THINK_OPEN)
+            ids = _ids(tokenizer.encode(text, add_special_tokens=False))
+        else:
+            ids = _ids(tokenizer.encode(parsed.prompt, add_special_tokens=True))
+        max_new = reply_budget(len(ids), parsed.max_tokens, settings.context_limit, parsed)
+        constraint = structured.settings(parsed.response_format, parsed.tools, parsed.tool_choice)
+        return _Prepared(ids, to_settings(parsed.options, max_new, parsed, constraint), plan, thinking)
 
-    async def generate(request: Request, parsed: GenerationRequest, encode: Callable[[], Prompt],
-                       render: "Renderer") -> Response:
-        require_ready()
-        # Tokenizing runs beside the loop: a long prompt must not stall the other clients.
-        prompt = await asyncio.to_thread(encode)
-        max_new = backend.reply_budget(prompt, parsed.max_tokens)
-        config = backend.config(parsed.options, max_new, parsed.penalties)
-        request.scope[_TOKENS] = (prompt.tokens, 0)
+    async def generate(request: Request, parsed: GenerationRequest, kind: str) -> Response:
+        engine.require_ready()
+        arrived = time.perf_counter()
+        prepared = await asyncio.to_thread(prepare, parsed)
+        request.scope[_TOKENS] = (len(prepared.ids), 0)
         slot = await unless_client_leaves(request, admission.acquire())
-        pieces = backend.generate(prompt, config)
+        renderer = Renderer(kind, model_id, lambda t: engine.tokenizer.decode([t]))
+        choices = [Choice(i, engine.tokenizer.decode, prepared.tools,
+                          Reasoning(prepared.thinking) if prepared.thinking is not None else None,
+                          [] if parsed.logprobs else None) for i in range(parsed.n)]
+        outputs = engine.generate(prepared.ids, prepared.settings)
+        clock = _Clock(arrived, metrics)
         handed_over = False
         try:
             if not parsed.stream:
-                text, tokens, finish = await unless_client_leaves(request, _gather(pieces))
-                request.scope[_TOKENS] = (prompt.tokens, tokens)
-                return JSONResponse(render.whole(text, finish, _usage(prompt.tokens, tokens)))
-            # The first piece comes before the 200, so a request the scheduler refuses still gets
-            # its status; it is also where a long prompt's prefill is spent.
-            first = await unless_client_leaves(request, pieces.__anext__())
+                texts = await unless_client_leaves(request, _gather(outputs, choices, clock))
+                completion = sum(c.tokens for c in choices)
+                request.scope[_TOKENS] = (len(prepared.ids), completion)
+                return JSONResponse(renderer.whole(choices, texts, usage(len(prepared.ids), completion)))
+            # The first tokens come before the 200, so a request the engine refuses still gets its
+            # status; they are also where a long prompt's prefill is spent.
+            first = await unless_client_leaves(request, outputs.__anext__())
 
-            def count(completion_tokens: int) -> None:
-                request.scope[_TOKENS] = (prompt.tokens, completion_tokens)
+            def count() -> None:
+                request.scope[_TOKENS] = (len(prepared.ids), sum(c.tokens for c in choices))
 
-            response = EventStream(render.stream(first, pieces, prompt.tokens, parsed.include_usage, count),
-                                   on_close=slot.release)
+            events = _stream(renderer, first, outputs, choices, len(prepared.ids), parsed.include_usage, count,
+                             clock)
+            response = EventStream(events, on_close=slot.release)
             handed_over = True
             return response
         finally:
             if not handed_over:
-                await pieces.aclose()
+                await outputs.aclose()
                 slot.release()
 
     async def chat_completions(request: Request) -> Response:
         parsed = parse_chat(await read_json(request), model_id)
-        return await generate(request, parsed, lambda: backend.encode_chat(parsed.messages),
-                              Renderer("chat", model_id))
+        return await generate(request, parsed, "chat")
 
     async def completions(request: Request) -> Response:
         parsed = parse_completion(await read_json(request), model_id)
-        return await generate(request, parsed, lambda: backend.encode_text(parsed.prompt),
-                              Renderer("text", model_id))
+        return await generate(request, parsed, "text")
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_card(model_id, created)]})
@@ -329,15 +516,19 @@ def create_app(backend: Backend, model_id: str, *, api_key: Optional[str] = None
         return JSONResponse(_model_card(model_id, created))
 
     async def health(request: Request) -> Response:
-        if backend.ready:
-            return JSONResponse({"status": "ok", "model": model_id, "device": backend.device.name,
-                                 "running": admission.busy})
-        if backend.error:
-            return JSONResponse({"status": "error", "error": backend.error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+        detail = {"model": model_id, "engine": {"state": engine.state, "pid": engine.pid, "restarts": engine.restarts}}
+        if engine.ready:
+            return JSONResponse({"status": "ok", "device": engine.spec.device, "running": admission.busy,
+                                 "waiting": admission.queued, **detail})
+        if engine.state == "failed":
+            return JSONResponse({"status": "error", "error": engine.error, **detail}, status_code=503)
+        return JSONResponse({"status": engine.state, **detail}, status_code=503, headers={"Retry-After": "2"})
 
-    async def on_api_error(request: Request, error: APIError) -> Response:
-        return error_response(error)
+    async def metrics_route(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def on_request_error(request: Request, error: Exception) -> Response:
+        return error_response(to_api_error(error))
 
     async def on_http_error(request: Request, error: HTTPException) -> Response:
         # Starlette's own 404/405 in OpenAI's shape, so clients parse every error the same way.
@@ -349,114 +540,151 @@ def create_app(backend: Backend, model_id: str, *, api_key: Optional[str] = None
         return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the access log does
 
     async def on_bug(request: Request, error: Exception) -> Response:
-        # The last resort for a bug (every expected failure is an APIError): the client gets
-        # OpenAI's error shape and no traceback; Starlette still logs the traceback server-side.
+        # The last resort for a bug (every expected failure is a domain error or an APIError): the
+        # client gets OpenAI's error shape and no traceback; Starlette still logs the traceback.
         return error_response(APIError(500, "internal server error; see the server log", kind="server_error"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # A daemon thread: a server stopped while the model still compiles need not wait for it.
-        threading.Thread(target=_load, args=(backend, on_load_failed), name="ovchat-load", daemon=True).start()
+        engine.start()
         try:
             yield
         finally:
-            backend.close()
+            await asyncio.to_thread(engine.close)
+            on_stopped()
 
-    return Starlette(
+    def drain() -> None:
+        """Begin the graceful shutdown (call on the event loop)."""
+        refused = admission.close()
+        if refused:
+            log.info("shutting down: %d waiting request%s refused (503)", refused, "s" if refused != 1 else "")
+        running = admission.busy
+        if running:
+            log.info("shutting down: %d running request%s get %.0f s to finish", running,
+                     "s" if running != 1 else "", settings.grace_s)
+
+            async def cut_off() -> None:
+                await asyncio.sleep(max(0.0, settings.grace_s - 1.0))
+                if admission.busy:
+                    log.info("shutting down: %d request%s cut off", admission.busy, "s" if admission.busy != 1 else "")
+                    engine.fail_all(EngineUnavailableError("the server is shutting down", code="shutting_down"))
+
+            asyncio.ensure_future(cut_off())
+
+    middleware = [Middleware(AccessLog, metrics=metrics), Middleware(HostCheck, allowed=settings.allowed_hosts)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CORS, origins=settings.cors_origins))
+    middleware.append(Middleware(RequireKey, key=settings.api_key))
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics_route, methods=["GET"]),
         ],
-        middleware=[Middleware(AccessLog), Middleware(RequireKey, key=api_key)],
-        exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
+        middleware=middleware,
+        exception_handlers={APIError: on_request_error, RequestError: on_request_error, HTTPException: on_http_error,
                             ClientGone: on_client_gone, ClientDisconnect: on_client_gone, Exception: on_bug},
         lifespan=lifespan,
     )
+    app.state.drain = drain
+    app.state.metrics = metrics
+    app.state.admission = admission
+    return app
 
 
-def _load(backend: Backend, on_failed: Callable[[str], None]) -> None:
-    start = time.perf_counter()
-    try:
-        backend.load()
-    except ModelLoadError:
-        pass  # backend.error has the message, reported below
-    finally:
-        if backend.ready:
-            log.info("model loaded on %s in %.1fs; ready", backend.device.name, time.perf_counter() - start)
-        else:
-            log.error("the model could not be loaded: %s", backend.error or "see above")
-            on_failed(backend.error or "the model could not be loaded")
+def _ids(encoded: Any) -> List[int]:
+    return [int(i) for i in encoded.input_ids.data[0]]
 
 
-async def _gather(pieces: AsyncIterator[Piece]) -> tuple:
-    text, last = [], None
-    async with contextlib.aclosing(pieces):
-        async for piece in pieces:
-            text.append(piece.text)
-            last = piece
-    return "".join(text), last.completion_tokens, last.finish_reason
+def reply_budget(prompt_tokens: int, requested: Optional[int], limit: Optional[int],
+                 parsed: GenerationRequest) -> int:
+    """The most tokens a reply may have: what was asked, cut to the window; a prompt that leaves
+    no room for a single token is refused (OpenAI's code)."""
+    if limit is None:
+        return requested or GenerationOptions().max_new_tokens
+    room = limit - prompt_tokens
+    if room < 1:
+        raise InvalidRequestError(f"the prompt has {prompt_tokens} tokens, but the model's context window is {limit}; "
+                                  "shorten it", param="messages" if parsed.messages is not None else "prompt",
+                                  code="context_length_exceeded")
+    return min(requested or room, room)
 
 
-def _usage(prompt: int, completion: int) -> Dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def to_settings(options: GenerationOptions, max_new: int, parsed: GenerationRequest,
+                structured: Dict[str, Any]) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=max_new, do_sample=options.temperature > 0, temperature=options.temperature,
+        top_p=options.top_p, top_k=options.top_k, repetition_penalty=options.repetition_penalty,
+        presence_penalty=parsed.penalties.get("presence_penalty", 0.0),
+        frequency_penalty=parsed.penalties.get("frequency_penalty", 0.0),
+        stop_strings=list(options.stop), rng_seed=options.seed, logprobs=parsed.logprobs, n=parsed.n,
+        **structured)
+
+
+class _Clock:
+    """Time to first token and time per output token of one request, for /metrics."""
+
+    def __init__(self, arrived: float, metrics: Metrics):
+        self.arrived, self.metrics = arrived, metrics
+        self.first: Optional[float] = None
+        self.tokens = 0
+
+    def tick(self, tokens: int) -> None:
+        now = time.perf_counter()
+        if self.first is None and tokens:
+            self.first = now
+            self.metrics.first_token(now - self.arrived)
+            tokens -= 1
+        self.tokens += tokens
+
+    def done(self) -> None:
+        if self.first is not None:
+            self.metrics.tokens_after_first(self.tokens, time.perf_counter() - self.first)
+
+
+async def _gather(outputs: AsyncIterator[Any], choices: List[Choice], clock: _Clock) -> Dict[int, Dict[str, str]]:
+    texts: Dict[int, Dict[str, str]] = {c.index: {} for c in choices}
+    async with contextlib.aclosing(outputs):
+        async for out in outputs:
+            clock.tick(len(out.ids))
+            delta = choices[out.index].add(out.ids, out.logprobs, out.finish)
+            delta.pop("_logprobs", None)
+            for key in ("content", "reasoning_content"):
+                if delta.get(key):
+                    texts[out.index][key] = texts[out.index].get(key, "") + delta[key]
+    clock.done()
+    return texts
+
+
+async def _stream(renderer: Renderer, first: Any, rest: AsyncIterator[Any], choices: List[Choice],
+                  prompt_tokens: int, include_usage: bool, count: Callable[[], None],
+                  clock: _Clock) -> AsyncIterator[Dict[str, Any]]:
+    """The events of a streamed reply: a role chunk per choice (chat), deltas, finish chunks, usage."""
+    async with contextlib.aclosing(rest):
+        if renderer.chat:
+            for c in choices:
+                yield renderer.chunk(c.index, {}, None, include_usage, first=True)
+        out = first
+        while out is not None:
+            clock.tick(len(out.ids))
+            delta = choices[out.index].add(out.ids, out.logprobs, out.finish)
+            count()
+            if any(v for k, v in delta.items() if k != "_logprobs") or (delta.get("_logprobs") and out.finish is None):
+                calls = delta.pop("tool_calls", None)
+                if any(v for k, v in delta.items() if k != "_logprobs"):
+                    yield renderer.chunk(out.index, delta, None, include_usage)
+                if calls:
+                    yield renderer.chunk(out.index, {"tool_calls": calls}, None, include_usage)
+            if out.finish is not None:
+                yield renderer.chunk(out.index, {}, choices[out.index].finish_reason, include_usage)
+            out = await rest.__anext__() if any(c.finish_reason is None for c in choices) else None
+    clock.done()
+    if include_usage:
+        yield renderer.usage_chunk(usage(prompt_tokens, sum(c.tokens for c in choices)))
 
 
 def _model_card(model_id: str, created: int) -> Dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "ovchat"}
-
-
-class Renderer:
-    """OpenAI's response objects for one request: chat.completion(.chunk) or text_completion."""
-
-    def __init__(self, kind: str, model_id: str):
-        self.chat = kind == "chat"
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
-        self.model = model_id
-        self.created = int(time.time())
-
-    def _envelope(self, obj: str, choices: list, **extra: Any) -> Dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                **extra}
-
-    def whole(self, text: str, finish: str, usage: Dict[str, int]) -> Dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            return self._envelope("chat.completion", [choice], usage=usage)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._envelope("text_completion", [choice], usage=usage)
-
-    def _chunk(self, text: Optional[str], finish: Optional[str], include_usage: bool,
-               first: bool = False) -> Dict[str, Any]:
-        if self.chat:
-            delta: Dict[str, str] = {"role": "assistant", "content": ""} if first else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return self._envelope(obj, [choice], **({"usage": None} if include_usage else {}))
-
-    async def stream(self, first: Piece, rest: AsyncIterator[Piece], prompt_tokens: int, include_usage: bool,
-                     count: Callable[[int], None]) -> AsyncIterator[Dict[str, Any]]:
-        """The events of a streamed reply: a role chunk (chat), text chunks, the finish chunk, usage."""
-        async with contextlib.aclosing(rest):
-            if self.chat:
-                yield self._chunk(None, None, include_usage, first=True)
-            piece = first
-            while True:
-                count(piece.completion_tokens)
-                if piece.text:
-                    yield self._chunk(piece.text, None, include_usage)
-                if piece.finish_reason is not None:
-                    yield self._chunk(None, piece.finish_reason, include_usage)
-                    break
-                piece = await rest.__anext__()
-        if include_usage:
-            yield self._envelope("chat.completion.chunk" if self.chat else "text_completion", [],
-                                 usage=_usage(prompt_tokens, piece.completion_tokens))

@@ -1,24 +1,34 @@
-"""What an OpenAI-style request may contain, checked field by field.
+"""What an OpenAI-style request may contain, checked field by field, with a limit on everything.
 
-A request body becomes a ``GenerationRequest`` or an ``APIError`` naming the field at fault
-(400). The sampling values go through ``GenerationOptions``, so the server accepts exactly the
-ranges `ovchat run` does; only the OpenAI-specific fields (messages, n, stream, penalties...) are
-checked here. Fields this module does not know are ignored, as OpenAI-compatible servers do, so
-newer clients that send extra fields keep working; fields it knows but cannot honour (n > 1,
-tools, logprobs, echo...) are refused rather than silently dropped.
+A request body becomes a ``GenerationRequest`` or an ``InvalidRequestError`` naming the field at
+fault. The sampling values go through ``GenerationOptions``, so the server accepts exactly the
+ranges `ovchat run` does; the OpenAI-specific fields (messages, tools, response_format, n,
+logprobs, penalties...) are checked here. Every list and string has a bound (``LIMITS``), so no
+request can make the server do unbounded work before it is refused: 50,000 stop strings are a
+400 in microseconds, not a minute of matching. Fields this module does not know are ignored, as
+OpenAI-compatible servers do; fields it knows but cannot honour are refused, never dropped.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ovchat.errors import APIError, OptionError
+from ovchat.errors import InvalidRequestError, OptionError
 from ovchat.options import GenerationOptions
+from ovchat.structured import ResponseFormat, parse_response_format
+from ovchat.toolcalls import Tool, parse_tool_choice, parse_tools
 
-# OpenAI request field -> GenerationOptions field. top_k and repetition_penalty are not OpenAI's
-# but vLLM, llama-server and OVMS accept them too.
-_OPTION_FIELDS = {
+# The bounds of a request (a body is at most 1 MiB besides).
+LIMITS = {
+    "messages": 1024,          # messages in a conversation
+    "stop": 16,                # stop strings (OpenAI allows 4)
+    "stop_length": 256,        # characters of one stop string
+    "n": 8,                    # choices per request
+    "tool_calls": 64,          # tool calls carried by one assistant message
+}
+_OPTION_FIELDS = {  # OpenAI field -> GenerationOptions field (top_k, repetition_penalty: vLLM's)
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
@@ -26,30 +36,52 @@ _OPTION_FIELDS = {
     "seed": "seed",
     "stop": "stop",
 }
-# Both spellings of the reply length; max_completion_tokens is the newer one and wins.
-_MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
-# OpenAI's ranges for the penalties GenerationOptions does not have.
+_MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")  # the newer spelling wins
 _PENALTY_FIELDS = ("frequency_penalty", "presence_penalty")
 _PENALTY_RANGE = (-2.0, 2.0)
-# "developer" is what OpenAI's newer models call the system role.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One validated completion request: a chat (``messages``) or a raw ``prompt``."""
+    """One validated request: a chat (``messages``) or a raw ``prompt``, and how to answer it."""
 
     options: GenerationOptions
     max_tokens: Optional[int]  # None: as many as the context window leaves
     stream: bool = False
     include_usage: bool = False
-    messages: Optional[List[Dict[str, str]]] = None
+    messages: Optional[List[Dict[str, Any]]] = None
     prompt: Optional[str] = None
     penalties: Dict[str, float] = field(default_factory=dict)
+    n: int = 1
+    logprobs: bool = False
+    response_format: Optional[ResponseFormat] = None
+    tools: Tuple[Tool, ...] = ()
+    tool_choice: str = "auto"  # auto, none, required, or the name of the function to call
 
 
-def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code=code)
+
+
+def check_text(value: Any, where: str = "body") -> None:
+    """Refuse strings that are not Unicode text: JSON can spell a lone surrogate (\\ud800), which
+    no tokenizer can encode. Walks the whole parsed body (bounded by its 1 MiB)."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"{path} holds a lone UTF-16 surrogate, which is not text", path,
+                          "invalid_string") from None
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                stack.append((k, path))
+                stack.append((v, f"{path}.{k}" if path != "body" else k))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
 
 
 def parse_chat(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
@@ -58,16 +90,30 @@ def parse_chat(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array of messages", "messages")
+    if len(messages) > LIMITS["messages"]:
+        raise bad(f"'messages' may hold at most {LIMITS['messages']} messages", "messages")
     parsed = [_message(m, i) for i, m in enumerate(messages)]
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    if body.get("logprobs"):
-        raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad("only the 'text' response_format is supported", "response_format", "unsupported_parameter")
-    return _common(body, messages=parsed)
+    if body.get("functions") or body.get("function_call"):
+        raise bad("'functions' is OpenAI's old form; send 'tools' and 'tool_choice'", "functions",
+                  "unsupported_parameter")
+    tools = parse_tools(body.get("tools"))
+    choice = parse_tool_choice(body.get("tool_choice"), tools)
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    fmt = parse_response_format(body.get("response_format"))
+    if fmt is not None and tools and choice != "none":
+        raise bad("'response_format' and 'tools' cannot be combined; ask for one or the other", "response_format")
+    logprobs = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0 or top > 20:
+            raise bad("'top_logprobs' must be a whole number from 0 to 20", "top_logprobs")
+        if top > 0:
+            raise bad("only the chosen token's log-probability is available here: 'top_logprobs' must be 0",
+                      "top_logprobs", "unsupported_parameter")
+        if not logprobs:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return _common(body, messages=parsed, tools=tools, tool_choice=choice, response_format=fmt, logprobs=logprobs)
 
 
 def parse_completion(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
@@ -84,12 +130,19 @@ def parse_completion(body: Mapping[str, Any], model_id: str) -> GenerationReques
         raise bad("'echo' is not supported by this server", "echo", "unsupported_parameter")
     if body.get("suffix"):
         raise bad("'suffix' is not supported by this server", "suffix", "unsupported_parameter")
-    if body.get("logprobs") is not None and body.get("logprobs") is not False:
-        raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and logprobs is not False:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
+            raise bad("'logprobs' must be a whole number from 0 to 5", "logprobs")
+        if logprobs > 0:
+            raise bad("only the chosen token's log-probability is available here: 'logprobs' must be 0",
+                      "logprobs", "unsupported_parameter")
     best_of = body.get("best_of")
-    if best_of is not None and best_of != 1:
-        raise bad("'best_of' must be 1: this server returns one completion per request", "best_of")
-    return _common(body, prompt=prompt)
+    if best_of is not None and best_of != body.get("n", 1):
+        raise bad("'best_of' must equal 'n': this server returns every choice it generates", "best_of")
+    fmt = parse_response_format(body.get("response_format"))
+    return _common(body, prompt=prompt, logprobs=logprobs is not None and logprobs is not False,
+                   response_format=fmt)
 
 
 def _check_model(body: Any, model_id: str) -> None:
@@ -103,14 +156,7 @@ def _check_model(body: Any, model_id: str) -> None:
                   "model_not_found")
 
 
-def _message(m: Any, i: int) -> Dict[str, str]:
-    where = f"messages[{i}]"
-    if not isinstance(m, dict):
-        raise bad(f"{where} must be an object with 'role' and 'content'", where)
-    role = m.get("role")
-    if role not in _ROLES:
-        raise bad(f"{where}.role must be one of {', '.join(_ROLES)}, not {role!r}", f"{where}.role")
-    content = m.get("content")
+def _text_content(content: Any, where: str) -> str:
     if isinstance(content, list):
         # The content-parts form: only text parts can reach a text-only model.
         texts = []
@@ -119,16 +165,65 @@ def _message(m: Any, i: int) -> Dict[str, str]:
                 raise bad(f"{where}.content[{j}] must be a text part ({{'type': 'text', 'text': ...}})",
                           f"{where}.content")
             texts.append(part["text"])
-        content = "\n".join(texts)
+        return "\n".join(texts)
     if not isinstance(content, str):
         raise bad(f"{where}.content must be a string or an array of text parts", f"{where}.content")
-    return {"role": _ROLES[role], "content": content}
+    return content
+
+
+def _message(m: Any, i: int) -> Dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad(f"{where} must be an object with 'role' and 'content'", where)
+    role = m.get("role")
+    if role not in _ROLES:
+        raise bad(f"{where}.role must be one of {', '.join(_ROLES)}, not {role!r}", f"{where}.role")
+    out: Dict[str, Any] = {"role": _ROLES[role]}
+    calls = m.get("tool_calls")
+    if role == "assistant" and calls is not None:
+        out["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        out["content"] = "" if m.get("content") is None else _text_content(m.get("content"), where)
+    else:
+        out["content"] = _text_content(m.get("content"), where)
+    if role == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id or len(call_id) > 256:
+            raise bad(f"{where}.tool_call_id must name the call this message answers", f"{where}.tool_call_id")
+        out["tool_call_id"] = call_id
+        if isinstance(m.get("name"), str):
+            out["name"] = m["name"]
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> List[Dict[str, Any]]:
+    """An assistant message's tool calls, with arguments as objects (what chat templates render)."""
+    if not isinstance(calls, list) or len(calls) > LIMITS["tool_calls"]:
+        raise bad(f"{where} must be an array of at most {LIMITS['tool_calls']} tool calls", where)
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad(f"{where}[{j}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
+                      f"{where}[{j}]")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise bad(f"{where}[{j}].function.arguments is not JSON", f"{where}[{j}].function.arguments") from None
+        if not isinstance(arguments, dict):
+            raise bad(f"{where}[{j}].function.arguments must be a JSON object", f"{where}[{j}].function.arguments")
+        out.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 def _common(body: Mapping[str, Any], **what: Any) -> GenerationRequest:
     n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise bad("'n' must be 1: this server returns one choice per request", "n")
+    if n is None:
+        n = 1
+    elif isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= LIMITS["n"]:
+        raise bad(f"'n' must be a whole number from 1 to {LIMITS['n']}", "n")
     stream = _flag(body, "stream")
     stream_options = body.get("stream_options")
     include_usage = False
@@ -139,6 +234,9 @@ def _common(body: Mapping[str, Any], **what: Any) -> GenerationRequest:
             raise bad("'stream_options' must be an object", "stream_options")
         include_usage = _flag(stream_options, "include_usage", "stream_options.include_usage")
     options, max_tokens = _options(body)
+    if n > 1 and options.temperature == 0:
+        raise bad("'n' above 1 needs sampling: give a 'temperature' above 0 (greedy choices would all be "
+                  "the same)", "n")
     penalties = {}
     for name in _PENALTY_FIELDS:
         value = body.get(name)
@@ -148,8 +246,8 @@ def _common(body: Mapping[str, Any], **what: Any) -> GenerationRequest:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise bad(f"'{name}' must be a number from {low} to {high}, not {value!r}", name)
         penalties[name] = float(value)
-    return GenerationRequest(options=options, max_tokens=max_tokens, stream=stream,
-                             include_usage=include_usage, penalties=penalties, **what)
+    return GenerationRequest(options=options, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
+                             penalties=penalties, n=n, **what)
 
 
 def _flag(body: Mapping[str, Any], name: str, param: Optional[str] = None) -> bool:
@@ -182,7 +280,10 @@ def _options(body: Mapping[str, Any]) -> Tuple[GenerationOptions, Optional[int]]
 
 def _stop(value: Any) -> Tuple[str, ...]:
     if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise bad("'stop' must be a string or an array of strings", "stop")
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad("'stop' must be a string or an array of strings", "stop")
+    if len(value) > LIMITS["stop"] or any(len(s) > LIMITS["stop_length"] for s in value):
+        raise bad(f"'stop' may hold at most {LIMITS['stop']} strings of at most {LIMITS['stop_length']} "
+                  "characters", "stop")
+    return tuple(value)
