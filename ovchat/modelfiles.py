@@ -9,6 +9,7 @@ metadata is parsed here with the standard library so the base install needs no `
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -145,6 +146,29 @@ def install_directory(work: Path, target: Path) -> None:
             old.unlink()
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def storage_error(where: Path, error: BaseException) -> Optional[StorageError]:
+    """The StorageError ``error`` stands for when it is a failure to write under ``where`` (a full
+    disk, no permission), else None. OpenVINO reports a failed write as RuntimeError
+    "basic_ios::clear: iostream error", without the reason; the free space says it."""
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        reason = error.strerror or str(error)
+    elif isinstance(error, RuntimeError) and "iostream error" in str(error):
+        reason = "a write failed"
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(next(p for p in (Path(where), *Path(where).parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return StorageError(f"could not write under {where} ({reason}); check the disk and its permissions")
+    from ovchat.units import human_size
+
+    return StorageError(f"could not write under {where} ({reason}; the disk is probably full: {human_size(free)} "
+                        "free once the partial output was removed); free some space or write elsewhere")
+
+
 def remove_stale_partials(directory: Path, prefix: str) -> List[Path]:
     """Remove ``directory``/``prefix``PID-* work directories whose process PID is gone.
 
@@ -208,10 +232,12 @@ def context_length(path: Path) -> Optional[int]:
         meta = read_gguf_metadata(path, keys_ending=(".context_length",))
         values = [v for k, v in meta.items() if k.endswith(".context_length")]
         return int(values[0]) if values else None
-    for name in ("ovchat.json", "config.json"):
+    for name in (MANIFEST, "config.json"):
         try:
             data = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(data, dict):  # a damaged manifest: the manifest check reports it
             continue
         for key in ("context_length", "max_position_embeddings"):
             if isinstance(data.get(key), int):

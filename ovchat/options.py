@@ -33,10 +33,14 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         # Coerce lists from JSON or /set into the hashable tuple the dataclass promises.
-        if isinstance(self.stop, str):
+        if self.stop is None:
+            object.__setattr__(self, "stop", ())
+        elif isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
+        elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
+        else:
+            raise OptionError(f"stop must be a text or a list of texts, not {self.stop!r}")
         _check_int("max_new_tokens", self.max_new_tokens, low=1, cap=_MAX_COUNT)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
@@ -47,6 +51,7 @@ class GenerationOptions:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise OptionError("stop strings must be non-empty text")
+            check_text(s, "a stop string")
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -55,6 +60,8 @@ class GenerationOptions:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "GenerationOptions":
         """Build from a dict, rejecting keys that are not options (typos must not pass silently)."""
+        if not isinstance(values, Mapping):
+            raise OptionError(f"generation options must be a mapping of names to values, not {type(values).__name__}")
         cls._check_known(values)
         return cls(**values)
 
@@ -66,7 +73,7 @@ class GenerationOptions:
 
     @classmethod
     def _check_known(cls, keys: Any) -> None:
-        unknown = sorted(set(keys) - set(cls.names()))
+        unknown = sorted(str(k) for k in set(keys) - set(cls.names()))
         if unknown:
             raise OptionError(f"unknown generation option {', '.join(unknown)}; "
                               f"known: {', '.join(cls.names())}")
@@ -97,6 +104,17 @@ class GenerationOptions:
         d["stop"] = list(self.stop)
         return d
 
+    def as_request(self) -> dict:
+        """The options as fields of an OpenAI-style request to `ovchat serve`."""
+        fields = {"temperature": self.temperature, "repetition_penalty": self.repetition_penalty}
+        if self.temperature > 0:
+            fields.update(top_p=self.top_p, **({"top_k": self.top_k} if self.top_k else {}))
+        if self.stop:
+            fields["stop"] = list(self.stop)
+        if self.seed is not None:
+            fields["seed"] = self.seed
+        return fields
+
     def to_genai(self, config: Any, *, max_new_tokens: Optional[int] = None) -> Any:
         """Fill an openvino_genai.GenerationConfig (the model's own, so its eos ids are kept)."""
         config.max_new_tokens = max_new_tokens if max_new_tokens is not None else self.max_new_tokens
@@ -112,6 +130,17 @@ class GenerationOptions:
         if self.seed is not None:
             config.rng_seed = self.seed
         return config
+
+
+def check_text(value: str, what: str) -> str:
+    """``value`` if it is text that can be encoded: a str made from undecodable bytes (a command
+    line or terminal that was not UTF-8) holds lone surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OptionError(f"{what} is not valid UTF-8 text (at character {e.start}); fix its encoding, "
+                          "e.g. with iconv") from None
+    return value
 
 
 def _check_int(name: str, value: Any, *, low: int, high: Optional[int] = None, cap: Optional[int] = None) -> None:

@@ -134,7 +134,9 @@ class StoreEntry:
 
     @property
     def recipe(self) -> str:
-        return describe_recipe(self.manifest)
+        from ovchat.convert.recipe import short_label
+
+        return short_label(self.manifest.get("recipe") or {}, self.manifest.get("kept"))
 
     @property
     def source(self) -> str:
@@ -149,21 +151,6 @@ class StoreEntry:
             except OSError:
                 continue
         return total
-
-
-def describe_recipe(manifest: dict) -> str:
-    """A short form of a manifest's recipe: 'int4_sym g128 r0.6', 'int8_asym', 'fp16', 'kept Q4_1+Q8_0'."""
-    recipe = manifest.get("recipe") or {}
-    fmt = recipe.get("weight_format", "?")
-    if fmt == "fp16":
-        return "fp16"
-    if fmt == "keep":
-        kept = manifest.get("kept") or {}
-        return "kept " + "+".join(sorted(kept)) if kept else "kept"
-    text = f"{fmt}_{'sym' if recipe.get('sym') else 'asym'}"
-    if fmt == "int4":
-        text += f" g{recipe.get('group_size')} r{recipe.get('ratio')}"
-    return text
 
 
 def valid_name(name: str) -> str:

@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_checkpoint  # noqa: E402  (a sibling script)

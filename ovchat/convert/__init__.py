@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from ovchat.errors import CheckpointError, ConversionError, OutputExistsError
 from ovchat.interrupts import sigterm_as_interrupt
-from ovchat.modelfiles import MANIFEST, MODEL_XML, TOKENIZER_FILES, install_directory, sha256
+from ovchat.modelfiles import MANIFEST, MODEL_XML, TOKENIZER_FILES, install_directory, sha256, storage_error
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 __all__ = ["convert", "Recipe", "MANIFEST", "read_manifest"]
@@ -35,14 +35,14 @@ log = logging.getLogger(__name__)
 MANIFEST_VERSION = 2
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ovchat.convert.compress import Recipe
+    from ovchat.convert.recipe import Recipe
 
 
 def __getattr__(name: str):
     # Recipe is re-exported lazily: importing ovchat.convert (as every submodule import does)
-    # must stay light, and compress pulls in the NNCF recipe machinery.
+    # must stay light.
     if name == "Recipe":
-        from ovchat.convert.compress import Recipe
+        from ovchat.convert.recipe import Recipe
 
         return Recipe
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -59,7 +59,7 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
     (True, False, or None: only where that fits this machine comfortably). Returns OUTPUT's path.
     """
     from ovchat.convert.checkpoint import open_checkpoint
-    from ovchat.convert.compress import Recipe
+    from ovchat.convert.recipe import Recipe
     from ovchat.convert.tokenizer import has_tokenizer
 
     recipe = recipe if recipe is not None else Recipe()
@@ -96,10 +96,13 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
             _write_manifest(work, checkpoint, recipe, built, measured, hashes, started)
             progress(Progress("save", f"moving the model into {output}"))
             install_directory(work, output)
-    except BaseException:
+    except BaseException as e:
         # Interrupts included: the partial directory must never outlive the conversion.
         hasher.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(work, ignore_errors=True)
+        full = storage_error(output.parent, e) if isinstance(e, (OSError, RuntimeError)) else None
+        if full is not None:
+            raise full from None
         raise
     finally:
         hasher.shutdown(wait=True)

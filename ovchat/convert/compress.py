@@ -1,12 +1,8 @@
-"""Weight compression with NNCF: the recipe, its validation, and the resulting bitwidth table.
+"""Weight compression with NNCF, as a Recipe (ovchat.convert.recipe) says, and the bitwidth table.
 
-The recipe for float sources is the mission's (``optimum-cli export openvino --weight-format int4
---sym --group-size 128 --ratio 0.6``): without a dataset NNCF keeps embeddings and the last MatMul
-in the backup precision (int8_asym) and puts ``ratio`` of the remaining weights, by parameter
-count, in int4, choosing layers by weight quantization error. A source that is already quantized
-(a GGUF in Q4_K_M, say) keeps its own quantization by default (``keep``, see
-``ovchat.convert.quants``): quantizing it again would only lose accuracy; a recipe named
-explicitly still applies, as llama.cpp's ``llama-quantize --allow-requantize`` would.
+Without a dataset NNCF keeps embeddings and the last MatMul in the backup precision (int8_asym)
+and puts ``ratio`` of the remaining weights, by parameter count, in int4, choosing layers by
+weight quantization error. A kept GGUF's weights arrive already compressed and are only counted.
 
 NNCF normally prints its progress bars and tables to stdout; a library must not, so for the
 duration of ``compress`` its progress bars are routed to the progress callback and its log
@@ -16,83 +12,18 @@ records to this module's logger.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import openvino as ov
 
 from ovchat import pages
+from ovchat.convert.recipe import Recipe
 from ovchat.errors import OptionError
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 log = logging.getLogger(__name__)
-
-WEIGHT_FORMATS = ("auto", "keep", "int4", "int8", "fp16")
-GROUP_SIZE_FALLBACKS = ("adjust", "ignore", "error")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How to store the weights. ``group_size`` and ``ratio`` apply to int4 only; ``group_size``
-    -1 means one group per output channel.
-
-    ``weight_format``: ``auto`` (the default) is ``keep`` for an already-quantized GGUF and
-    ``int4`` for everything else; ``keep`` holds a quantized GGUF's blocks exactly as they are;
-    ``int4``, ``int8`` and ``fp16`` are NNCF's recipes (applied after dequantizing a quantized
-    source). ``resolve`` turns ``auto`` into one of the others once the source is known.
-    """
-
-    weight_format: str = "auto"
-    sym: bool = True
-    group_size: int = 128
-    ratio: float = 0.6
-    group_size_fallback: str = "adjust"
-
-    def __post_init__(self):
-        if self.weight_format not in WEIGHT_FORMATS:
-            raise OptionError(f"weight format {self.weight_format!r} is unknown; use one of {', '.join(WEIGHT_FORMATS)}")
-        if not isinstance(self.sym, bool):
-            raise OptionError(f"sym must be true or false, not {self.sym!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or \
-                not (self.group_size == -1 or self.group_size > 0):
-            raise OptionError(f"group size {self.group_size!r} is invalid; use a positive integer such as 128, "
-                              "or -1 for per-channel")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
-            raise OptionError(f"ratio {self.ratio!r} is invalid; use a number in [0, 1], e.g. 0.6")
-        if self.group_size_fallback not in GROUP_SIZE_FALLBACKS:
-            raise OptionError(f"group size fallback {self.group_size_fallback!r} is unknown; use one of "
-                              f"{', '.join(GROUP_SIZE_FALLBACKS)}")
-
-    def resolve(self, *, quantized_source: bool, source: object = "the source") -> "Recipe":
-        """The recipe that applies to a source: ``auto`` decided, ``keep`` checked."""
-        if self.weight_format == "auto":
-            return dataclasses.replace(self, weight_format="keep" if quantized_source else "int4")
-        if self.weight_format == "keep" and not quantized_source:
-            raise OptionError(f"{source} is not quantized, so there is no quantization to keep; use "
-                              "--weight-format auto (int4) or int4, int8 or fp16")
-        return self
-
-    @property
-    def mode(self) -> str:
-        """NNCF's name of the primary mode, e.g. ``int4_sym``; ``fp16`` for no compression."""
-        if self.weight_format in ("fp16", "keep", "auto"):
-            return self.weight_format
-        return f"{self.weight_format}_{'sym' if self.sym else 'asym'}"
-
-    def describe(self) -> str:
-        if self.weight_format == "int4":
-            return (f"int4 {'sym' if self.sym else 'asym'}, group size {self.group_size}, ratio {self.ratio:g}, "
-                    f"int8_asym backup, group-size fallback {self.group_size_fallback}")
-        if self.weight_format == "keep":
-            return "keep the source's own quantization (no second quantization)"
-        if self.weight_format == "auto":
-            return ("auto: a quantized GGUF keeps its own quantization, anything else gets int4 sym, group size "
-                    f"{self.group_size}, ratio {self.ratio:g}")
-        return self.mode
-
 
 def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ignore) -> Tuple[ov.Model, dict]:
     """Compress ``model``'s weights in place as ``recipe`` says.
