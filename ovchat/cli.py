@@ -84,9 +84,58 @@ def generation_options(f):
     return f
 
 
+def speculation_options(f):
+    """Speculative decoding, shared by `run`, `chat` and `serve` (see ovchat.speculation)."""
+    for decorator in reversed([
+        click.option("--prompt-lookup", is_flag=True,
+                     help="Prompt-lookup decoding: propose the tokens that followed the last few tokens where "
+                          "they already occur in the prompt. Same output, faster where the reply copies its input "
+                          "(summaries, edits, answers from a given text); no gain in free chat."),
+        click.option("--draft-model", default=None, metavar="MODEL",
+                     help="Speculative decoding with this smaller model of the same tokenizer (a store name, a "
+                          "known name, a model directory or a .gguf file). Same output at temperature 0."),
+        click.option("--speculate-tokens", type=click.IntRange(1, 32), default=None, metavar="N",
+                     help="Tokens proposed per step by --prompt-lookup or --draft-model.  [default: %d]"
+                          % _default("DEFAULT_CANDIDATES")),
+        click.option("--lookup-ngram", type=click.IntRange(1, 16), default=None, metavar="N",
+                     help="Longest n-gram --prompt-lookup matches.  [default: %d]" % _default("DEFAULT_NGRAM")),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def _default(name: str) -> int:
+    from ovchat import speculation
+
+    return getattr(speculation, name)
+
+
+def make_speculation(prompt_lookup: bool, draft_model: Optional[str], speculate_tokens: Optional[int],
+                     lookup_ngram: Optional[int]):
+    """The Speculation the options ask for, or None."""
+    from ovchat.speculation import DEFAULT_CANDIDATES, DEFAULT_NGRAM, Speculation
+
+    if prompt_lookup and draft_model:
+        raise click.UsageError("choose one of --prompt-lookup and --draft-model")
+    if lookup_ngram is not None and not prompt_lookup:
+        raise click.UsageError("--lookup-ngram applies to --prompt-lookup only")
+    if speculate_tokens is not None and not (prompt_lookup or draft_model):
+        raise click.UsageError("--speculate-tokens needs --prompt-lookup or --draft-model")
+    if not (prompt_lookup or draft_model):
+        return None
+    candidates = speculate_tokens or DEFAULT_CANDIDATES
+    if prompt_lookup:
+        return Speculation("prompt-lookup", candidates=candidates, ngram=lookup_ngram or DEFAULT_NGRAM)
+    from ovchat.render import ProgressPrinter
+    from ovchat.store import resolve_model
+
+    return Speculation("draft", candidates=candidates, draft=resolve_model(draft_model, progress=ProgressPrinter()))
+
+
 def open_session(model: Optional[str], device: str, max_context: Optional[int], system: Optional[str],
-                 gen: dict):
-    """Validate the options, load the model, and say which device was chosen."""
+                 gen: dict, *, use_server: bool = False, speculation=None):
+    """Validate the options, load the model (or find a server that has it), and say which device
+    was chosen."""
     from ovchat.engine import ChatSession
     from ovchat.options import GenerationOptions
     from ovchat.render import ProgressPrinter
@@ -94,10 +143,17 @@ def open_session(model: Optional[str], device: str, max_context: Optional[int], 
     values = {k: v for k, v in gen.items() if v is not None and v != ()}
     options = GenerationOptions().with_changes(**values)
     session = ChatSession(model, device=device, system=system, options=options, max_context=max_context,
-                          on_notice=notice, progress=ProgressPrinter())
+                          on_notice=notice, progress=ProgressPrinter(), use_server=use_server,
+                          speculation=speculation)
     if session.device.automatic:
         notice(f"using {session.device.name} ({session.device.reason})")
     return session
+
+
+def server_option(f):
+    return click.option("--no-server", "no_server", is_flag=True, envvar="OVCHAT_NO_SERVER", show_envvar=True,
+                        help="Load the model in this process even if an `ovchat serve` of it runs on this machine "
+                             "(by default its already-loaded model answers, with no load time).")(f)
 
 
 def read_prompt(prompt: Optional[str]) -> str:
@@ -137,8 +193,10 @@ def read_prompt(prompt: Optional[str]) -> str:
 @click.option("--stats", is_flag=True, help="Print the reply's metrics to stderr.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with the text, the tool calls and the metrics instead of streaming.")
+@speculation_options
+@server_option
 def run(prompt, model, device, max_context, system, raw, output_format, schema_file, tools_file, tool_choice,
-        stats, as_json, **gen):
+        stats, as_json, prompt_lookup, draft_model, speculate_tokens, lookup_ngram, no_server, **gen):
     """Answer PROMPT once and exit.
 
     The reply streams to stdout. With PROMPT '-' or absent and stdin not a terminal, the prompt
@@ -151,7 +209,9 @@ def run(prompt, model, device, max_context, system, raw, output_format, schema_f
     if raw and (system or shape):
         raise click.UsageError("--system, --format json, --json-schema and --tools need the chat template; "
                                "leave them out with --raw")
-    session = open_session(model, device, max_context, system, gen)
+    speculation = make_speculation(prompt_lookup, draft_model, speculate_tokens, lookup_ngram)
+    session = open_session(model, device, max_context, system, gen, use_server=not no_server,
+                           speculation=speculation)
     if as_json:
         reply = "".join(session.complete(text)) if raw else session.send(text, **shape)
         click.echo(json.dumps({"model": str(session.model_path), "device": session.device.name,
@@ -210,7 +270,10 @@ def _call_json(call) -> dict:
 @main.command()
 @model_options
 @generation_options
-def chat(model, device, max_context, system, **gen):
+@speculation_options
+@server_option
+def chat(model, device, max_context, system, prompt_lookup, draft_model, speculate_tokens, lookup_ngram, no_server,
+         **gen):
     """Chat interactively with streamed replies.
 
     Type /help for the commands (/clear, /system, /set, /stats, /save, /load, /bye). Enclose
@@ -219,7 +282,9 @@ def chat(model, device, max_context, system, **gen):
     """
     from ovchat.repl import Repl
 
-    session = open_session(model, device, max_context, system, gen)
+    speculation = make_speculation(prompt_lookup, draft_model, speculate_tokens, lookup_ngram)
+    session = open_session(model, device, max_context, system, gen, use_server=not no_server,
+                           speculation=speculation)
     if not session.has_chat_template:
         raise OvchatError(f"{session.model_path.name} has no chat template (a base model?), so it cannot chat; "
                           "continue a text instead with: ovchat run --raw TEXT")
@@ -258,7 +323,7 @@ def make_recipe(weight_format: str, sym: Optional[bool], group_size: Optional[in
                 group_size_fallback: Optional[str]):
     """The Recipe the options describe. An int4 option given with --weight-format auto asks for the
     int4 recipe (also for a quantized GGUF); one given with a format it does not apply to is an error."""
-    from ovchat.convert.compress import Recipe
+    from ovchat.convert.recipe import Recipe
 
     int4_options = {"--group-size": group_size, "--ratio": ratio, "--group-size-fallback": group_size_fallback}
     given = [name for name, value in int4_options.items() if value is not None]
@@ -465,8 +530,13 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
                    "answers loopback names only, so web pages cannot reach it through DNS rebinding.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from this origin call the API (repeatable; '*' for any). Off by default.")
+@click.option("--keep-alive", default="-1", show_default=True, metavar="DURATION", envvar="OVCHAT_KEEP_ALIVE",
+              show_envvar=True,
+              help="Unload the model after this long without a request (30s, 5m, 1h; -1: never); the next "
+                   "request loads it again.")
+@speculation_options
 def serve(model, device, max_context, host, port, api_key, max_concurrency, max_queue, kv_cache_gb, prefill_chunk,
-          allow_hosts, cors_origins):
+          allow_hosts, cors_origins, keep_alive, prompt_lookup, draft_model, speculate_tokens, lookup_ngram):
     """Serve the model over HTTP with an OpenAI-compatible API.
 
     Endpoints: POST /v1/chat/completions (tools, JSON output, logprobs, n), POST /v1/completions,
@@ -487,13 +557,32 @@ def serve(model, device, max_context, host, port, api_key, max_concurrency, max_
     options = ServeOptions(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                            max_queue=max_queue, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk,
                            context_limit=loaded.context_limit, allow_hosts=list(allow_hosts),
-                           cors_origins=list(cors_origins))
+                           cors_origins=list(cors_origins), keep_alive_s=parse_duration(keep_alive),
+                           speculation=make_speculation(prompt_lookup, draft_model, speculate_tokens, lookup_ngram))
     try:
         run_server(loaded.model_path, loaded.device, loaded.properties(), options)
     except KeyboardInterrupt:
         # uvicorn has shut down cleanly and re-raised the signal that stopped it.
         notice("stopped")
         sys.exit(130)
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Seconds in "90", "30s", "5m", "1h" or "1h30m"; None for a negative number (never)."""
+    import re
+
+    value = text.strip().lower()
+    if re.fullmatch(r"-\d+(\.\d+)?", value):
+        return None
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", value)
+    if not value or match is None:
+        raise click.BadParameter(f"{text!r} is not a duration; use e.g. 30s, 5m, 1h, or -1 for never",
+                                 param_hint="--keep-alive")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise click.BadParameter("must be more than 0 (or -1 for never)", param_hint="--keep-alive")
+    return total
 
 
 if __name__ == "__main__":  # pragma: no cover

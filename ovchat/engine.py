@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ovchat.devices import compile_with_fallback
+from ovchat.devices import DeviceChoice, compile_with_fallback
 from ovchat.errors import ContextOverflowError, InputError, ModelLoadError, OvchatError, summary
 from ovchat.loading import plan
-from ovchat.options import GenerationOptions
+from ovchat.options import GenerationOptions, check_text
 from ovchat.progress import ProgressCallback, ignore
+from ovchat.remote import RemoteModel
+from ovchat.speculation import Speculation
 from ovchat.toolcalls import Splitter, Tool, ToolCall, forced_call, parse, parse_tool_choice, parse_tools, \
     template_offers_tools
 
@@ -82,6 +84,9 @@ class TurnMetrics:
     context_used: int
     context_limit: Optional[int]
     finish_reason: str
+    # Tokens per call of the model after the prompt: 1 without speculative decoding; with it,
+    # 1 + the proposed tokens the model accepted per step (None where it is not known).
+    tokens_per_step: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -99,6 +104,10 @@ class ChatSession:
     ``max_context``: the context window in tokens; by default the model's own.
     ``on_notice``: called with a sentence when the session does something the user should know
     about (old turns dropped to fit the window, a device fallback).
+    ``use_server``: if an `ovchat serve` of this model already runs on this machine, send the
+    turns to it instead of loading the model here (the warm path: nothing to load, nothing to
+    warm up); ``device``, if not auto, must then be the server's.
+    ``speculation``: decode several tokens per model call (prompt lookup, or a draft model).
     """
 
     def __init__(
@@ -113,20 +122,26 @@ class ChatSession:
         progress: ProgressCallback = ignore,
         available_devices: Optional[Sequence[str]] = None,
         pipeline_factory: Optional[Callable[..., Any]] = None,
+        use_server: bool = False,
+        speculation: Optional[Speculation] = None,
     ):
         self.options = options or GenerationOptions()
         self._notice = on_notice
-        loaded = plan(model, device=device, max_context=max_context, available_devices=available_devices,
-                      progress=progress)
-        self.model_path = loaded.model_path
-        self.context_limit = loaded.context_limit
-        self.device = loaded.device
-        self._pipe, self.load_s = self._load(loaded, pipeline_factory)
-        self._tokenizer = self._pipe.get_tokenizer()
-        self.has_chat_template = bool(self._tokenizer.chat_template)
-        self._messages: List[Dict[str, str]] = []
+        self.speculation = speculation
+        self._remote: Optional[RemoteModel] = None
+        self._pipe: Any = None
+        self._tokenizer_: Any = None
+        if not (use_server and speculation is None and self._connect(model, device, max_context, progress)):
+            loaded = plan(model, device=device, max_context=max_context, available_devices=available_devices,
+                          progress=progress)
+            self.model_path = loaded.model_path
+            self.context_limit = loaded.context_limit
+            self.device = loaded.device
+            self._pipe, self.load_s = self._load(loaded, pipeline_factory)
+            self.has_chat_template = bool(self._tokenizer.chat_template)
+        self._messages: List[Dict[str, Any]] = []
         if system:
-            self._messages.append({"role": "system", "content": system})
+            self._messages.append({"role": "system", "content": check_text(system, "the system prompt")})
         self._cancel = threading.Event()
         self._busy = threading.Lock()
         self.last_metrics: Optional[TurnMetrics] = None
@@ -134,14 +149,48 @@ class ChatSession:
 
     # -- loading --------------------------------------------------------------------------
 
+    def _connect(self, model: Optional[str | Path], device: str, max_context: Optional[int],
+                 progress: ProgressCallback) -> bool:
+        """Use a running server of the model, if there is one; False if there is none."""
+        from ovchat import servers
+        from ovchat.store import resolve_model
+
+        path = resolve_model(None if model is None else str(model), progress=progress)
+        found = servers.find(path, device=None if (device or "auto").lower() == "auto" else device)
+        key = os.environ.get("OVCHAT_API_KEY")
+        health = servers.health(found) if found is not None and (key or not found.key_required) else None
+        if health is None:
+            return False
+        self._remote = RemoteModel(found, key)
+        self.model_path = path
+        self.device = DeviceChoice(found.device, f"the model is loaded already, by ovchat serve at {found.url}", True)
+        self.context_limit = max_context or health.get("context_limit")
+        self.has_chat_template = bool(health.get("chat_template", True))
+        self.load_s = 0.0
+        return True
+
+    @property
+    def _tokenizer(self) -> Any:
+        """The model's tokenizer (for a served model, loaded here only when counting needs it)."""
+        if self._tokenizer_ is None:
+            if self._pipe is not None:
+                self._tokenizer_ = self._pipe.get_tokenizer()
+            else:
+                import openvino_genai
+
+                self._tokenizer_ = openvino_genai.Tokenizer(str(self.model_path))
+        return self._tokenizer_
+
     def _load(self, loaded, factory: Optional[Callable[..., Any]]) -> tuple:
         if factory is None:
             import openvino_genai
 
             factory = openvino_genai.LLMPipeline
         start = time.perf_counter()
+        extra = self.speculation.pipeline_kwargs if self.speculation is not None else lambda _device, _props: {}
         pipe, self.device = compile_with_fallback(
-            lambda device: factory(str(self.model_path), device.name, **loaded.properties(device)),
+            lambda device: factory(str(self.model_path), device.name,
+                                   **loaded.properties(device), **extra(device.name, loaded.properties(device))),
             self.device, model=self.model_path, notice=self._notice)
         if self.device.family == "CPU":
             self._warm_up(pipe)
@@ -154,7 +203,8 @@ class ChatSession:
         from ovchat.warmup import warm_up, warm_up_ids
 
         try:
-            warm_up(pipe, self.model_path, warm_up_ids(pipe.get_tokenizer()))
+            warm_up(pipe, self.model_path, warm_up_ids(pipe.get_tokenizer()),
+                    self.speculation.configure if self.speculation is not None else None)
         except RuntimeError as e:
             raise ModelLoadError(f"{self.model_path} was compiled on {self.device.name} but cannot run: "
                                  f"{summary(e)}") from None
@@ -179,6 +229,8 @@ class ChatSession:
     def set_system(self, text: Optional[str]) -> None:
         """Replace (or with None remove) the system prompt; the rest of the conversation stays."""
         rest = [m for m in self._messages if m["role"] != "system"]
+        if text:
+            check_text(text, "the system prompt")
         self._messages = ([{"role": "system", "content": text}] if text else []) + rest
 
     def reset(self) -> None:
@@ -207,8 +259,8 @@ class ChatSession:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise InputError(f"could not read {path}: {e.strerror}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InputError(f"{path} is not a conversation saved by ovchat (not JSON)") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise InputError(f"{path} is not a conversation saved by ovchat (not JSON, or nested too deeply)") from None
         if not isinstance(data, dict) or data.get("format") != CONVERSATION_FORMAT:
             raise InputError(f"{path} is not a conversation saved by ovchat")
         messages = data.get("messages")
@@ -216,7 +268,15 @@ class ChatSession:
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
                 and isinstance(m.get("tool_calls", []), list) for m in messages):
             raise InputError(f"{path} has malformed messages (each needs a role and a content)")
-        options = GenerationOptions.from_mapping(data.get("options") or {})
+        try:
+            options = GenerationOptions.from_mapping(data.get("options") or {})
+        except OvchatError as e:
+            raise InputError(f"{path} has unusable options: {e}") from None
+        for i, m in enumerate(messages):
+            try:
+                check_text(m["content"], f"message {i + 1}")
+            except OvchatError as e:
+                raise InputError(f"{path}: {e}") from None
         keys = ("role", "content", "tool_calls", "tool_call_id")
         self._messages = [{k: m[k] for k in keys if k in m} for m in messages]
         self.options = options
@@ -250,17 +310,26 @@ class ChatSession:
         """
         if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
             raise InputError("the prompt is empty; type a message")
+        if prompt is not None:
+            check_text(prompt, "the message")
         if prompt is None and not (self._messages and self._messages[-1]["role"] == "tool"):
             raise InputError("give a prompt (a reply without one continues after tool results, and there are none)")
         if not self.has_chat_template:
             raise ModelLoadError(f"{self.model_path.name} has no chat template (a base model?), so it cannot "
                                  "chat; continue a text instead: ovchat run --raw, or ChatSession.complete()")
         opts = self.options.with_changes(**options)
-        shape = self._shape(tools, tool_choice, response_format)
         if self._busy.locked():
             raise OvchatError("this session is already generating a reply; wait for it or cancel it")
-        history, max_new, prompt_tokens = self._fit_turn(None if prompt is None else {"role": "user", "content": prompt},
-                                                         opts, shape)
+        user = None if prompt is None else {"role": "user", "content": prompt}
+        if self._remote is not None:
+            request = {"tools": tools, "tool_choice": tool_choice, "response_format": response_format}
+            if not any(m["role"] == "assistant" for m in self._messages):
+                # A first turn needs no trimming: the server refuses a prompt too long for the window.
+                return self._generate_remote(self._messages + [user], opts, opts.max_new_tokens, request)
+            history, max_new, _ = self._fit_turn(user, opts)
+            return self._generate_remote(history, opts, max_new, request)
+        shape = self._shape(tools, tool_choice, response_format)
+        history, max_new, prompt_tokens = self._fit_turn(user, opts, shape)
         return self._generate(history, opts, max_new, prompt_tokens, shape=shape)
 
     def add_tool_result(self, call: "ToolCall | str", content: Any) -> None:
@@ -297,7 +366,10 @@ class ChatSession:
 
         if not isinstance(text, str) or not text.strip():
             raise InputError("the text to continue is empty; give some text")
+        check_text(text, "the text to continue")
         opts = self.options.with_changes(**options)
+        if self._remote is not None:
+            return self._generate_remote(None, opts, opts.max_new_tokens, {"prompt": text})
         ids = self._tokenizer.encode(text, add_special_tokens=True).input_ids
         count = int(ids.shape[1])
         max_new = opts.max_new_tokens
@@ -328,6 +400,8 @@ class ChatSession:
         from ovchat.structured import genai_config
 
         config = opts.to_genai(self._pipe.get_generation_config(), max_new_tokens=max_new)
+        if self.speculation is not None:
+            self.speculation.configure(config)
         constraint = genai_config(**shape.structured)
         if constraint is not None:
             config.structured_output_config = constraint
@@ -383,6 +457,66 @@ class ChatSession:
         if "error" in outcome:
             raise ModelLoadError(f"generation failed: {summary(outcome['error'])}")
 
+    def _generate_remote(self, history: Optional[List[Dict[str, Any]]], opts: GenerationOptions, max_new: int,
+                         request: Dict[str, Any]) -> Iterator[str]:
+        """Stream a reply from the server: a chat turn (kept in the conversation) or, with
+        ``history`` None, the continuation of ``request["prompt"]``."""
+        body: Dict[str, Any] = {"model": self._remote.info.model_id, "max_tokens": max_new,
+                                "stream_options": {"include_usage": True}, **opts.as_request()}
+        if history is None:
+            path, body["prompt"] = "/v1/completions", request["prompt"]
+        else:
+            path, body["messages"] = "/v1/chat/completions", history
+            body.update({k: v for k, v in request.items() if v is not None})
+        if not self._busy.acquire(blocking=False):
+            raise OvchatError("this session is already generating a reply; wait for it or cancel it")
+        self._cancel.clear()
+        parts: List[str] = []
+        calls: List[ToolCall] = []
+        usage: Dict[str, int] = {}
+        finish, ticks = "stop", []
+        start = time.perf_counter()
+        events = self._remote.stream(path, body)
+        try:
+            for event in events:
+                if self._cancel.is_set():
+                    finish = "cancelled"
+                    break
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {"content": choice.get("text")}
+                    for call in delta.get("tool_calls") or []:
+                        function = call.get("function") or {}
+                        calls.append(ToolCall(function.get("name", ""), json.loads(function.get("arguments") or "{}"),
+                                              call.get("id", "")))
+                    finish = choice.get("finish_reason") or finish
+                    text = delta.get("content")
+                    if text:
+                        ticks.append(time.perf_counter())
+                        parts.append(text)
+                        yield text
+        finally:
+            events.close()
+            cancelled = finish == "cancelled"
+            text = "".join(parts)
+            self.last_reply = Reply(text, calls)
+            if history is not None:
+                message: Dict[str, Any] = {"role": "assistant", "content": text}
+                if calls:
+                    message["tool_calls"] = [{"id": c.id, "type": "function",
+                                              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+                self._messages = history + [message]
+            generated = usage.get("completion_tokens", len(ticks))
+            decode_s = ticks[-1] - ticks[0] if len(ticks) > 1 else 0.0
+            self.last_metrics = TurnMetrics(
+                prompt_tokens=usage.get("prompt_tokens", 0), generated_tokens=generated,
+                ttft_s=(ticks[0] - start) if ticks else 0.0,
+                decode_tokens_per_s=(generated - 1) / decode_s if decode_s > 0 else 0.0,
+                generate_s=time.perf_counter() - start, load_s=self.load_s,
+                context_used=usage.get("total_tokens", 0), context_limit=self.context_limit,
+                finish_reason="cancelled" if cancelled else ("length" if finish == "length" else "stop"))
+            self._busy.release()
+
     def _chat_history(self, history: List[Dict[str, Any]], shape: _Shape) -> Any:
         import openvino_genai
 
@@ -413,6 +547,7 @@ class ChatSession:
         perf = result.perf_metrics
         generated = perf.get_num_generated_tokens()
         tpot_ms = perf.get_tpot().mean
+        steps = len(perf.raw_metrics.m_new_token_times) - 1  # one time per model call; the first is the prompt's
         if cancelled or self._cancel.is_set():
             finish = "cancelled"
         else:
@@ -427,6 +562,7 @@ class ChatSession:
             context_used=self.context_used() if history is not None else prompt_tokens + generated,
             context_limit=self.context_limit,
             finish_reason=finish,
+            tokens_per_step=(generated - 1) / steps if steps > 0 else None,
         )
 
     # -- context window -------------------------------------------------------------------

@@ -21,6 +21,8 @@ def format_metrics(m, *, context_used: Optional[int] = None, context_limit: Opti
             f"generation time:   {m.generate_s:.2f} s",
             f"model load time:   {m.load_s:.2f} s",
         ]
+        if m.tokens_per_step is not None and m.tokens_per_step > 1.0:
+            lines.append(f"speculation:       {m.tokens_per_step:.2f} tokens per model step")
         context_used = m.context_used if context_used is None else context_used
         context_limit = m.context_limit if context_limit is None else context_limit
     if context_used is not None:

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 from ovchat import pages
 from ovchat.modelfiles import MODEL_BIN
@@ -91,13 +91,17 @@ def with_pages_dropped(model_path: Path, work: Callable[[], Any]) -> Any:
                  dropped >> 20)
 
 
-def warm_up(pipe: Any, model_path: Path, token_ids: List[int]) -> None:
+def warm_up(pipe: Any, model_path: Path, token_ids: List[int],
+            configure: Optional[Callable[[Any], Any]] = None) -> None:
     """One short generation from ``token_ids`` (two new tokens: a prefill and a decode step) of an
-    LLMPipeline, with the model's weight pages dropped while it runs and after it."""
+    LLMPipeline, with the model's weight pages dropped while it runs and after it. ``configure``
+    completes the GenerationConfig where the pipeline needs more (speculative decoding does)."""
     import numpy as np
     import openvino as ov
 
     config = pipe.get_generation_config()
     config.max_new_tokens = config.min_new_tokens = 2
     config.ignore_eos, config.do_sample = True, False
+    if configure is not None:
+        configure(config)
     with_pages_dropped(model_path, lambda: pipe.generate(ov.Tensor(np.array([token_ids], dtype=np.int64)), config))

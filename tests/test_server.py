@@ -15,56 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import OvchatProcess
+from server_helpers import KEY, start_server
 
 openai = pytest.importorskip("openai")
 
-KEY = "test-key-0123456789"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 # A raw prompt the demo model continues until it is stopped (no end-of-sequence in sight).
 ENDLESS = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-
-
-class Server:
-    def __init__(self, proc: OvchatProcess, url: str, model: str, health_at_start: int):
-        self.proc, self.url, self.model, self.health_at_start = proc, url, model, health_at_start
-
-    def client(self, key: str = KEY, **kw) -> "openai.OpenAI":
-        # No retries: a 429 or 5xx must show up as it is, not be retried away.
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
-
-    def post(self, path: str, body=None, *, content=None, key: str = KEY, headers=None, **kw) -> httpx2.Response:
-        sent = {"Authorization": f"Bearer {key}"} if key else {}
-        if content is not None:
-            sent["Content-Type"] = "application/json"  # as every client sends JSON
-        sent.update(headers or {})
-        return httpx2.post(self.url + path, json=body, content=content, headers=sent, timeout=120, **kw)
-
-    def log(self) -> str:
-        self.proc._drain()
-        return self.proc.stderr_text
-
-
-def start_server(model, *args: str) -> Server:
-    proc = OvchatProcess("serve", "-m", str(model), "--device", "CPU", "--port", "0", *args)
-    proc.wait_for("listening on http://", stream="stderr", timeout=120)
-    url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", proc.stderr_text).group(1)
-    first = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            status = httpx2.get(url + "/health", timeout=5).status_code
-        except httpx2.TransportError:  # uvicorn not accepting yet
-            time.sleep(0.05)
-            continue
-        first = first or status
-        if status == 200:
-            return Server(proc, url, model.name, first)
-        assert status == 503, status
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"the server never became ready:\n{proc.stderr_text}")
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +171,7 @@ def test_each_bad_request_gets_its_status_and_error_shape(server):
         (chat, {"body": {**ok, "stream": "yes"}}, 400, "stream", None),
         (chat, {"body": {**ok, "stream_options": {"include_usage": True}}}, 400, "stream_options", None),
         (chat, {"body": {**ok, "presence_penalty": 3}}, 400, "presence_penalty", None),
+        (chat, {"body": {**ok, "num_assistant_tokens": 4}}, 400, "num_assistant_tokens", None),  # no lever
         (chat, {"body": {**ok, "messages": [{"role": "user", "content": "hello " * 9000}]}}, 400, "messages",
          "context_length_exceeded"),
         (chat, {"content": b'{"model": "' + b"x" * (1024 * 1024 + 10) + b'"}'}, 413, None, "request_too_large"),

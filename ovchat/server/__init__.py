@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from ovchat import servers
 from ovchat.devices import DeviceChoice
 from ovchat.errors import InputError, ModelLoadError, OvchatError
+from ovchat.speculation import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class ServeOptions:
     context_limit: Optional[int] = None
     allow_hosts: List[str] = field(default_factory=list)
     cors_origins: List[str] = field(default_factory=list)
+    keep_alive_s: Optional[float] = None  # unload the model after this long without a request; None: never
+    speculation: Optional[Speculation] = None  # prompt lookup or a draft model, for every request
 
 
 def serve(model_path: Path, device: DeviceChoice, properties: Dict[str, str], options: ServeOptions, *,
@@ -81,7 +86,8 @@ def serve(model_path: Path, device: DeviceChoice, properties: Dict[str, str], op
 
     engine = EngineClient(EngineSpec(model_path=Path(model_path), device=device.name, properties=properties,
                                      max_running=options.max_concurrency, kv_cache_gb=options.kv_cache_gb,
-                                     prefill_chunk=options.prefill_chunk), on_failed=load_failed)
+                                     prefill_chunk=options.prefill_chunk, speculation=options.speculation),
+                          on_failed=load_failed)
     sock = _bind(options.host, options.port)
     bound_host, bound_port = sock.getsockname()[:2]
     name = model_id(model_path)
@@ -90,8 +96,14 @@ def serve(model_path: Path, device: DeviceChoice, properties: Dict[str, str], op
         max_concurrency=options.max_concurrency,
         max_queue=QUEUE_PER_SLOT * options.max_concurrency if options.max_queue is None else options.max_queue,
         allowed_hosts=list(options.allow_hosts) if _loopback(bound_host) else (options.allow_hosts or None),
-        cors_origins=list(options.cors_origins), grace_s=GRACE_S)
-    app = create_app(engine, settings)
+        cors_origins=list(options.cors_origins), grace_s=GRACE_S, keep_alive_s=options.keep_alive_s)
+    # Announced so that `ovchat run` and `ovchat chat` of this model use it (the warm path), and
+    # withdrawn when the app stops: uvicorn ends a SIGTERM'd process by re-raising the signal.
+    announced = servers.register(servers.ServerInfo(
+        url=f"http://{_client_host(bound_host)}:{bound_port}", pid=os.getpid(),
+        model_path=str(Path(model_path).resolve()), model_id=name, key_required=bool(options.api_key),
+        device=device.name))
+    app = create_app(engine, settings, on_stopped=lambda: servers.unregister(announced))
     # log_config=None: uvicorn's loggers go through the process's logging set-up like ours;
     # its access log is off because app.AccessLog writes one with token counts.
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_S,
@@ -103,8 +115,11 @@ def serve(model_path: Path, device: DeviceChoice, properties: Dict[str, str], op
     if not options.api_key and not _loopback(bound_host):
         on_notice(f"no API key: anyone who can reach {bound_host}:{bound_port} can use the model "
                   "(set --api-key or OVCHAT_API_KEY)")
-    with sock:
-        server.run(sockets=[sock])
+    try:
+        with sock:
+            server.run(sockets=[sock])
+    finally:
+        servers.unregister(announced)
     if failure:
         raise ModelLoadError(failure["message"])
 
@@ -147,6 +162,15 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port or --host") from None
     return sock
+
+
+def _client_host(host: str) -> str:
+    """The address a local client connects to for a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def _loopback(host: str) -> bool:

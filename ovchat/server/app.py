@@ -372,6 +372,7 @@ class ServerSettings:
     allowed_hosts: Optional[List[str]] = None  # None: no Host check (not bound to loopback)
     cors_origins: List[str] = field(default_factory=list)
     grace_s: float = 5.0
+    keep_alive_s: Optional[float] = None  # unload the model after this long without a request
 
 
 @dataclass
@@ -391,6 +392,7 @@ def create_app(engine: EngineClient, settings: ServerSettings,
     shutdown: waiters are refused at once, running streams get a final error event before the
     grace period ends."""
     admission = Admission(settings.max_concurrency, settings.max_queue)
+    activity = {"last": time.monotonic(), "active": 0}  # for --keep-alive
     metrics = Metrics(settings.model_id, lambda: {
         "ovchat_requests_running": admission.busy, "ovchat_requests_waiting": admission.queued,
         "ovchat_kv_cache_usage_ratio": engine.stats.get("kv_cache_usage", 0.0),
@@ -432,6 +434,7 @@ def create_app(engine: EngineClient, settings: ServerSettings,
 
     def prepare(parsed: GenerationRequest) -> _Prepared:
         """Template and tokenize (in a worker thread), fit the window, and say how to generate."""
+        _check_speculation(parsed, engine.spec.speculation)
         tokenizer = engine.tokenizer
         template = tokenizer.chat_template or ""
         plan = ToolPlan(parsed.tools, parsed.tool_choice, template)
@@ -463,6 +466,16 @@ def create_app(engine: EngineClient, settings: ServerSettings,
         return _Prepared(ids, to_settings(parsed.options, max_new, parsed, constraint), plan, thinking)
 
     async def generate(request: Request, parsed: GenerationRequest, kind: str) -> Response:
+        activity["last"] = time.monotonic()
+        activity["active"] += 1
+        try:
+            return await _generate(request, parsed, kind)
+        finally:
+            activity["active"] -= 1
+            activity["last"] = time.monotonic()
+
+    async def _generate(request: Request, parsed: GenerationRequest, kind: str) -> Response:
+        await engine.ensure_loaded()
         engine.require_ready()
         arrived = time.perf_counter()
         prepared = await asyncio.to_thread(prepare, parsed)
@@ -516,8 +529,10 @@ def create_app(engine: EngineClient, settings: ServerSettings,
         return JSONResponse(_model_card(model_id, created))
 
     async def health(request: Request) -> Response:
-        detail = {"model": model_id, "engine": {"state": engine.state, "pid": engine.pid, "restarts": engine.restarts}}
-        if engine.ready:
+        detail = {"model": model_id, "context_limit": settings.context_limit,
+                  "chat_template": bool(engine.tokenizer is not None and engine.tokenizer.chat_template),
+                  "engine": {"state": engine.state, "pid": engine.pid, "restarts": engine.restarts}}
+        if engine.ready or engine.state == "unloaded":
             return JSONResponse({"status": "ok", "device": engine.spec.device, "running": admission.busy,
                                  "waiting": admission.queued, **detail})
         if engine.state == "failed":
@@ -544,12 +559,23 @@ def create_app(engine: EngineClient, settings: ServerSettings,
         # client gets OpenAI's error shape and no traceback; Starlette still logs the traceback.
         return error_response(APIError(500, "internal server error; see the server log", kind="server_error"))
 
+    async def keep_alive() -> None:
+        """Unload the model once no request has come for ``settings.keep_alive_s``."""
+        while True:
+            await asyncio.sleep(min(5.0, max(0.5, settings.keep_alive_s / 4)))
+            idle = time.monotonic() - activity["last"]
+            if activity["active"] == 0 and idle >= settings.keep_alive_s and engine.ready:
+                await asyncio.to_thread(engine.unload)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine.start()
+        watcher = asyncio.ensure_future(keep_alive()) if settings.keep_alive_s is not None else None
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await asyncio.to_thread(engine.close)
             on_stopped()
 
@@ -613,6 +639,19 @@ def reply_budget(prompt_tokens: int, requested: Optional[int], limit: Optional[i
     return min(requested or room, room)
 
 
+def _check_speculation(parsed: GenerationRequest, lever: Any) -> None:
+    """A request's own speculation settings fit only the lever the server was started with."""
+    if not parsed.speculation:
+        return
+    field_name = next(iter(parsed.speculation))
+    if lever is None:
+        raise InvalidRequestError(f"'{field_name}' needs a server started with --prompt-lookup or --draft-model",
+                                  param=field_name)
+    if "max_ngram_size" in parsed.speculation and lever.kind != "prompt-lookup":
+        raise InvalidRequestError("'max_ngram_size' applies to prompt lookup; this server speculates with a draft "
+                                  "model", param="max_ngram_size")
+
+
 def to_settings(options: GenerationOptions, max_new: int, parsed: GenerationRequest,
                 structured: Dict[str, Any]) -> GenerationSettings:
     return GenerationSettings(
@@ -621,7 +660,7 @@ def to_settings(options: GenerationOptions, max_new: int, parsed: GenerationRequ
         presence_penalty=parsed.penalties.get("presence_penalty", 0.0),
         frequency_penalty=parsed.penalties.get("frequency_penalty", 0.0),
         stop_strings=list(options.stop), rng_seed=options.seed, logprobs=parsed.logprobs, n=parsed.n,
-        **structured)
+        **parsed.speculation, **structured)
 
 
 class _Clock:

@@ -59,7 +59,8 @@ class GenerationSettings:
     call_choices: Optional[List[List[str]]] = None
     min_new_tokens: int = 0
     ignore_eos: bool = False
-    prompt_lookup: Optional[Tuple[int, int]] = None  # (max n-gram size, candidates per step)
+    num_assistant_tokens: Optional[int] = None  # speculative decoding: this request's own settings
+    max_ngram_size: Optional[int] = None
 
     def to_genai(self, base: Any) -> Any:
         """Fill the model's own GenerationConfig (its eos ids are kept)."""
@@ -88,8 +89,15 @@ class GenerationSettings:
         structured = genai_config(json_schema=self.json_schema, call_choices=self.call_choices)
         if structured is not None:
             config.structured_output_config = structured
-        if self.prompt_lookup is not None:
-            config.max_ngram_size, config.num_assistant_tokens = self.prompt_lookup
+        return config
+
+    def speculate(self, config: Any, speculation: Any) -> Any:
+        """The engine's speculation settings, then this request's own where it gave them."""
+        speculation.configure(config)
+        if self.num_assistant_tokens is not None:
+            config.num_assistant_tokens = self.num_assistant_tokens
+        if self.max_ngram_size is not None:
+            config.max_ngram_size = self.max_ngram_size
         return config
 
 
@@ -103,7 +111,7 @@ class EngineSpec:
     max_running: int
     kv_cache_gb: int
     prefill_chunk: int = 256
-    prompt_lookup: bool = False  # compile for prompt-lookup decoding (a pipeline of its own kind)
+    speculation: Optional[Any] = None  # ovchat.speculation.Speculation: for every request
     warm_up: bool = True
 
 
@@ -148,9 +156,10 @@ class _Engine:
         scheduler.dynamic_split_fuse = True
         # Prefix caching keeps finished requests' blocks; off, the pool holds only live requests.
         scheduler.enable_prefix_caching = False
-        properties = dict(spec.properties)
-        if spec.prompt_lookup:
-            properties["prompt_lookup"] = True
+        properties: Dict[str, Any] = dict(spec.properties)
+        if spec.speculation is not None:
+            properties.update(spec.speculation.pipeline_kwargs(spec.device, spec.properties))
+        self.speculation = spec.speculation
         self.pipe = openvino_genai.ContinuousBatchingPipeline(str(spec.model_path), scheduler, spec.device, properties)
         if spec.warm_up and spec.device.split(".")[0] == "CPU":
             self._warm_up(spec.model_path)
@@ -170,6 +179,8 @@ class _Engine:
         config = self.pipe.get_config()
         config.max_new_tokens = config.min_new_tokens = 2
         config.ignore_eos, config.do_sample = True, False
+        if self.speculation is not None:
+            self.speculation.configure(config)
 
         def generate() -> None:
             handle = self.pipe.add_request(0, ov.Tensor(np.array([ids], dtype=np.int64)), config)
@@ -217,7 +228,10 @@ class _Engine:
         if action == "add":
             _, _, ids, settings = command
             try:
-                config = GenerationSettings(**settings).to_genai(self.pipe.get_config())
+                wanted = GenerationSettings(**settings)
+                config = wanted.to_genai(self.pipe.get_config())
+                if self.speculation is not None:
+                    wanted.speculate(config, self.speculation)
                 self.handles[rid] = self.pipe.add_request(rid, ov.Tensor(np.array([ids], dtype=np.int64)), config)
                 self.n[rid] = settings.get("n", 1)
             except (RuntimeError, TypeError, ValueError) as e:

@@ -38,6 +38,7 @@ _OPTION_FIELDS = {  # OpenAI field -> GenerationOptions field (top_k, repetition
 }
 _MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")  # the newer spelling wins
 _PENALTY_FIELDS = ("frequency_penalty", "presence_penalty")
+_SPECULATION_FIELDS = {"num_assistant_tokens": 32, "max_ngram_size": 16}  # field -> largest value
 _PENALTY_RANGE = (-2.0, 2.0)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -58,6 +59,9 @@ class GenerationRequest:
     response_format: Optional[ResponseFormat] = None
     tools: Tuple[Tool, ...] = ()
     tool_choice: str = "auto"  # auto, none, required, or the name of the function to call
+    # Speculative decoding per request (OpenVINO Model Server's field names): tokens proposed per
+    # step and prompt lookup's n-gram size; only for a server started with a lever.
+    speculation: Dict[str, int] = field(default_factory=dict)
 
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> InvalidRequestError:
@@ -246,8 +250,16 @@ def _common(body: Mapping[str, Any], **what: Any) -> GenerationRequest:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise bad(f"'{name}' must be a number from {low} to {high}, not {value!r}", name)
         penalties[name] = float(value)
+    speculation = {}
+    for name, high in _SPECULATION_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise bad(f"'{name}' must be a whole number from 1 to {high}, not {value!r}", name)
+        speculation[name] = value
     return GenerationRequest(options=options, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
-                             penalties=penalties, n=n, **what)
+                             penalties=penalties, n=n, speculation=speculation, **what)
 
 
 def _flag(body: Mapping[str, Any], name: str, param: Optional[str] = None) -> bool:
