@@ -89,11 +89,11 @@ def speculation_options(f):
     for decorator in reversed([
         click.option("--prompt-lookup", is_flag=True,
                      help="Prompt-lookup decoding: propose the tokens that followed the last few tokens where "
-                          "they already occur in the prompt. Same output, faster where the reply copies its input "
-                          "(summaries, edits, answers from a given text); no gain in free chat."),
+                          "they already occur in the prompt, checked by the model in one step. Faster where the reply "
+                          "copies its input (edits, summaries, answers from a given text); no gain in free chat."),
         click.option("--draft-model", default=None, metavar="MODEL",
                      help="Speculative decoding with this smaller model of the same tokenizer (a store name, a "
-                          "known name, a model directory or a .gguf file). Same output at temperature 0."),
+                          "known name, a model directory or a .gguf file)."),
         click.option("--speculate-tokens", type=click.IntRange(1, 32), default=None, metavar="N",
                      help="Tokens proposed per step by --prompt-lookup or --draft-model.  [default: %d]"
                           % _default("DEFAULT_CANDIDATES")),

@@ -1,8 +1,12 @@
 """Speculative decoding: several tokens per call of the model, verified in one step.
 
 A cheap proposer guesses the next ``candidates`` tokens and the model checks them all in one
-forward pass, keeping the longest run it agrees with (and its own next token), so greedy output
-is unchanged and each accepted guess saves a model call. Two proposers, as OpenVINO GenAI has them:
+forward pass, keeping the longest run it agrees with (and its own next token), so each accepted
+guess saves a model call and greedy output is what plain decoding gives, up to rounding: the
+model scores the proposals together, and the CPU plugin's kernels for several tokens round
+differently in the last bits from those for one, so where two tokens are nearly tied the reply
+can take the other (seen on the demo model in free chat and summaries; never in copying tasks).
+Two proposers, as OpenVINO GenAI has them:
 
 - prompt lookup: the continuation of the last ``ngram`` tokens where they already occurred in the
   prompt or the reply. Free, and good where the reply repeats its input (summarising or editing a
@@ -10,7 +14,10 @@ is unchanged and each accepted guess saves a model call. Two proposers, as OpenV
 - a draft model: a smaller model with the same tokenizer. Pays only where it is much faster than
   the model and agrees with it often.
 
-The defaults were chosen by measurement (README, Performance).
+The defaults were chosen by measurement (scripts/bench_levers.py --grid, README's Performance): on
+the demo model, 3 proposed tokens from up-to-3-grams were best or within a few percent of the best
+on every task (editing a text 2.8x, summarising 1.9x, answering from a text 1.4x, free chat
+0.93-1.0x); 5 or 8 proposals cost more in free chat (0.5-0.7x) than they gained elsewhere.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any, Dict, Optional
 from ovchat.errors import OptionError
 
 KINDS = ("prompt-lookup", "draft")
-DEFAULT_CANDIDATES = 5  # tokens proposed per step (num_assistant_tokens)
+DEFAULT_CANDIDATES = 3  # tokens proposed per step (num_assistant_tokens)
 DEFAULT_NGRAM = 3  # prompt lookup's longest n-gram (max_ngram_size)
 
 

@@ -3,11 +3,12 @@
 
     python scripts/bench_levers.py -m smollm2-135m                       # prompt lookup, defaults only
     python scripts/bench_levers.py -m smollm2-135m --grid                # candidates x n-gram sizes
-    python scripts/bench_levers.py -m MODEL --draft DRAFT --runs 5 --json
+    python scripts/bench_levers.py -m MODEL --draft DRAFT --draft-tokens 2,3,5 --runs 5 --json
 
-Each configuration is a ``ChatSession`` (the product's own path) on the CPU, all loaded in this
-process; the runs go round robin over configurations and tasks, so a change in machine load hits
-them alike, after one warm-up round that is not counted. Every reply is greedy and at most
+Each configuration is a ``ChatSession`` (the product's own path) on the CPU, loaded afresh for each
+round and released after it (pipelines loaded side by side would compete for the cores with their
+thread pools); the rounds go over every configuration, so a change in machine load hits them
+alike, and the first round is a warm-up that is not counted. Every reply is greedy and at most
 --new-tokens long. Reported per task, as medians: the reply's tokens per second (prefill
 included: what the user waits for), the speed-up over plain decoding, the tokens each call of the
 model produced (``TurnMetrics.tokens_per_step``: 1 + the proposals it accepted), the acceptance
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -54,14 +56,15 @@ def configurations(args) -> Dict[str, object]:
     from ovchat.speculation import DEFAULT_CANDIDATES, DEFAULT_NGRAM, Speculation
 
     configs: Dict[str, object] = {"plain": None}
-    lookup = [(k, n) for k in (3, 5, 8) for n in (2, 3, 4)] if args.grid else [(DEFAULT_CANDIDATES, DEFAULT_NGRAM)]
+    lookup = [(k, n) for k in (3, 5, 8) for n in (2, 3)] if args.grid else [(DEFAULT_CANDIDATES, DEFAULT_NGRAM)]
     for k, n in lookup:
         configs[f"lookup k={k} n={n}"] = Speculation("prompt-lookup", candidates=k, ngram=n)
     if args.draft:
         from ovchat.store import resolve_model
 
         draft = resolve_model(args.draft)
-        for k in ((2, 3, 5) if args.grid else (DEFAULT_CANDIDATES,)):
+        for k in ([int(k) for k in args.draft_tokens.split(",")] if args.draft_tokens else
+                  (2, 3, 5) if args.grid else (DEFAULT_CANDIDATES,)):
             configs[f"draft k={k}"] = Speculation("draft", candidates=k, draft=draft)
     return configs
 
@@ -75,6 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-m", "--model", default=None, help="a store name, a model directory or a .gguf file")
     parser.add_argument("--draft", default=None, help="a draft model (same tokenizer) for the draft lever")
     parser.add_argument("--grid", action="store_true", help="several candidate counts and n-gram sizes")
+    parser.add_argument("--draft-tokens", default="", help="candidate counts to try with --draft (e.g. 2,3,5)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
@@ -88,28 +92,31 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     model = resolve_model(args.model)
     tasks = [t for t in args.tasks.split(",") if t]
-    sessions = {name: ChatSession(model, device="CPU", speculation=spec) for name, spec in configurations(args).items()}
-    samples: Dict[Tuple[str, str], List[dict]] = {(c, t): [] for c in sessions for t in tasks}
+    configs = configurations(args)
+    samples: Dict[Tuple[str, str], List[dict]] = {(c, t): [] for c in configs for t in tasks}
     for round_ in range(args.runs + 1):
-        for task in tasks:
-            for name, session in sessions.items():
+        for name, spec in configs.items():
+            session = ChatSession(model, device="CPU", speculation=spec)
+            for task in tasks:
                 session.reset()
                 text = session.send(TASKS[task][1], max_new_tokens=args.new_tokens)
                 m = session.last_metrics
                 if round_:
                     samples[(name, task)].append({"text": str(text), "tokens": m.generated_tokens,
                                                   "generate_s": m.generate_s, "tokens_per_step": m.tokens_per_step})
+            del session
+            gc.collect()
         print(f"bench_levers: round {round_}/{args.runs} done", file=sys.stderr)
 
     rows = []
     for task in tasks:
         plain = samples[("plain", task)]
         plain_s = median([s["generate_s"] for s in plain])
-        for name, session in sessions.items():
+        for name, spec in configs.items():
             runs = samples[(name, task)]
             seconds = median([s["generate_s"] for s in runs])
             tps = median([s["tokens_per_step"] or 1.0 for s in runs])
-            k = session.speculation.candidates if session.speculation is not None else 0
+            k = spec.candidates if spec is not None else 0
             rows.append({"task": task, "kind": TASKS[task][0], "config": name, "tokens": runs[0]["tokens"],
                          "tokens_per_s": runs[0]["tokens"] / seconds if seconds else 0.0,
                          "speedup": plain_s / seconds if seconds else 0.0, "tokens_per_step": tps,

@@ -42,3 +42,19 @@ def test_targets_and_table_from_medians():
     text = b.format_report(report)
     assert "145.0 tok/s" in text and "skipped: no GGUF" in text and "MISSED" in text
     assert "vs optimum" in text and "2.90x" in text
+
+
+def test_llama_cpp_quantizations_are_peers_of_their_own_with_the_phi3_size_targets():
+    b = load_script()
+    peers = {"ovchat": [sample(4.0, 0.5, 18, 2000, 5.0)], "llama-cpp:Q4_K_M": [sample(3.0, 0.6, 20, 4000, 6.0)],
+             "llama-cpp:Q4_0": [sample(2.5, 0.5, 24, 4200, 5.5)]}
+    report = {"model": "phi3", "prompt_tokens": 84, "new_tokens": 64, "runs": 1, "date": "today",
+              "machine": {"cpu": "cpu", "cores": 2, "memory_gb": 24},
+              "load_average": {"before": [0.1, 0, 0], "after": [1.0, 0, 0]},
+              "peers": {name: {"samples": s, "summary": b.summarize(s)} for name, s in peers.items()}}
+    report["targets"] = b.targets(report)
+    met = {t["target"]: (t["met"], t["ratio"]) for t in report["targets"]}
+    assert met == {"cold start <= 1.0x llama.cpp Q4_K_M": (True, 0.833), "decode >= 0.8x llama.cpp Q4_K_M": (True, 0.9),
+                   "TTFT <= 0.8x llama.cpp Q4_K_M": (False, 0.833), "peak RSS <= 0.7x llama.cpp Q4_K_M": (True, 0.5)}
+    assert b.base("llama-cpp:Q4_0") == "llama-cpp"
+    assert "vs llama-cpp:Q4_0" in b.format_report(report)

@@ -1,6 +1,9 @@
-"""Speculative decoding (prompt lookup, a draft model) changes how fast a reply comes, never what
-it says: under greedy decoding the reply is the one plain decoding gives, on the real demo model,
-from ChatSession, `ovchat run` and `ovchat serve`. Bad settings are one-line errors."""
+"""Speculative decoding (prompt lookup, a draft model) changes how fast a reply comes, not what it
+says: under greedy decoding the reply is the one plain decoding gives, on the real demo model, from
+ChatSession, `ovchat run` and `ovchat serve`. The task copies a given text, whose tokens have wide
+margins: in free chat, proposals scored together can flip a near-tie (rounding; see
+ovchat.speculation), so equality is asserted only where the model is sure. Bad settings are
+one-line errors."""
 
 from __future__ import annotations
 
