@@ -478,6 +478,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 report["peers"][peer]["skipped"] = f"run failed: {str(e).splitlines()[0]}"
                 del samples[peer]
                 continue
+            # One line per run, so an interrupted benchmark still leaves its figures in the log.
+            log.info("%s: %s", peer, ", ".join(f"{m} {sample[m]:.4g}" for m in METRICS if m in sample))
             if round_ > 0:
                 samples[peer].append(sample)
     report["load_average"]["after"] = list(os.getloadavg())

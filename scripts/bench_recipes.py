@@ -112,16 +112,20 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         manifest = read_manifest(out)
         rows[name] = {"bin_bytes": (out / "openvino_model.bin").stat().st_size, "receipt": manifest["receipt"],
                       "runs": []}
+        # Figures go to stderr as they come, so an interrupted comparison still leaves them.
+        print(f"{name}: {rows[name]['bin_bytes'] / 1e6:.0f} MB, receipt {manifest['receipt']}", file=sys.stderr)
     print("the float reference's logits", file=sys.stderr)
     first = work / recipes[0]
     reference = receipt.logits(build_model(open_checkpoint(args.source).float_view()), receipt.token_ids(first))
     for name in recipes:
         agree, kl = runtime_agreement(work / name, reference)
         rows[name]["runtime"] = {"top1_agreement": round(agree, 4), "mean_kl": float(f"{kl:.3g}")}
+        print(f"{name}: runtime {rows[name]['runtime']}", file=sys.stderr)
     for run in range(args.runs + 1):  # run 0 warms the page cache and is not counted
         for name in recipes:
             print(f"run {run} of {args.runs}: {name}", file=sys.stderr)
             sample = measure_in_fresh_process(str(work / name), "CPU", 84, 128)
+            print(f"{name}: {dataclasses.asdict(sample)}", file=sys.stderr)
             if run:
                 rows[name]["runs"].append(dataclasses.asdict(sample))
     for row in rows.values():

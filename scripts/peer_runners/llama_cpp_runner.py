@@ -11,10 +11,11 @@ from llama_cpp import Llama  # noqa: E402
 def load(request):
     # llama-cpp-python's defaults but two: the context must hold the prompt and the reply (its
     # default is 512 tokens), and every core computes (its default is half of them; OpenVINO's
-    # latency hint and torch use all physical cores).
+    # latency hint and torch use all physical cores). verbose: llama.cpp's log goes to stderr,
+    # which bench_peers shows only when a run fails ("Failed to load model" alone says nothing).
     n_ctx = max(512, len(request["prompt_ids"]) + request["new_tokens"] + 16)
     return Llama(model_path=request["model"], n_ctx=n_ctx, n_threads=request["threads"],
-                 n_threads_batch=request["threads"], verbose=False)
+                 n_threads_batch=request["threads"], verbose=True)
 
 
 def generate(llm, ids, n, clock):
