@@ -73,8 +73,26 @@ VENVS: Dict[str, List[List[str]]] = {
     "llama-cpp": [["llama-cpp-python==0.3.36"]],
 }
 PEER_VENV = {"ovchat": "ovchat", "optimum": "optimum", "genai-gguf": "genai", "llama-cpp": "llama-cpp"}
-# llama-cpp-python compiles llama.cpp: a CPU build for this machine's instruction set.
-BUILD_ENV = {"llama-cpp": {"CMAKE_ARGS": "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_CURL=OFF"}}
+# llama-cpp-python compiles llama.cpp: a CPU build for this machine's instruction set. On a CPU
+# with AMX the native build's AMX kernels die with SIGILL at the first `tilezero` (seen on the
+# Sapphire/Emerald Rapids VMs here, llama-cpp-python 0.3.36), so there AMX is left out and the
+# AVX-512 VNNI/BF16 kernels, the next best, are named one by one (GGML_NATIVE would re-enable AMX).
+NATIVE_LLAMA = "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_CURL=OFF"
+AMX_FREE_LLAMA = ("-DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
+                  "-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
+                  "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+                  "-DGGML_AMX_BF16=OFF")
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+BUILD_ENV = {"llama-cpp": {"CMAKE_ARGS": AMX_FREE_LLAMA if cpu_has_amx() else NATIVE_LLAMA}}
 BOOTSTRAP = ("pip", "setuptools", "_distutils_hack", "pkg_resources", "distutils-precedence.pth")
 
 log = logging.getLogger("bench_peers")

@@ -56,7 +56,7 @@ def test_absent_or_unknown_devices_are_errors_listing_what_exists(requested, dev
 def test_properties_follow_the_original_sample_and_cache_only_off_the_cpu(tmp_path):
     cpu = compile_properties(DeviceChoice("CPU", "", True), tmp_path / "c")
     assert cpu == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32",
-                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": "128"}
+                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": "128", "KV_CACHE_PRECISION": "f16"}
     assert not (tmp_path / "c").exists()
     gpu = compile_properties(DeviceChoice("GPU.1", "", False), tmp_path / "c")
     assert gpu["CACHE_DIR"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
