@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -106,7 +107,6 @@ def write(checkpoint: Path, out: Path) -> Path:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_name(checkpoint.name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -120,6 +120,13 @@ def write(checkpoint: Path, out: Path) -> Path:
     if arch == "phi3" and config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
     vocab = vocabulary(checkpoint, config)
+    # llama.cpp sets token attributes by general.name: a name holding "phi3" or "phi-3" makes it
+    # look up Phi-3's "<|endoftext|>", and a vocabulary without it (make_checkpoint's synthetic
+    # one) fails to load ("error loading model vocabulary: unordered_map::at").
+    name = checkpoint.name
+    if re.search(r"phi-?3", name.lower()) and "<|endoftext|>" not in vocab["tokens"]:
+        name = "checkpoint"
+    writer.add_name(name)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(vocab["tokens"])

@@ -80,10 +80,10 @@ def test_a_served_chat_keeps_the_conversation_and_reports_errors_as_its_own(warm
 
     session = ChatSession(demo_model, use_server=True)
     assert session.load_s == 0.0 and "ovchat serve" in session.device.reason
-    first = session.send("My name is Alice. Remember it.", max_new_tokens=32)
+    first = session.send("The secret word is banana. Remember it.", max_new_tokens=32)
     assert first and session.last_metrics.generated_tokens > 0
-    second = session.send("What is my name?", max_new_tokens=32)
-    assert "Alice" in second
+    second = session.send("What is the secret word?", max_new_tokens=32)
+    assert "banana" in second  # only the first turn, sent again by the client, holds it
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     with pytest.raises(ContextOverflowError):
         session.send("word " * 9000)
@@ -162,8 +162,16 @@ def test_keep_alive_unloads_when_idle_and_the_next_request_loads_again(other_mod
         while engine_state(s)["state"] != "unloaded":
             assert time.monotonic() < deadline, s.log()
             time.sleep(0.2)
-        with pytest.raises(ProcessLookupError):  # the engine process, and its memory, are gone
-            os.kill(first_engine, 0)
+        # The engine process, and its memory, go: /health says "unloaded" as the stop is sent, and
+        # the process exits (and is reaped) moments later, later still on a busy machine.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                os.kill(first_engine, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the engine process outlived its unload by 30 s"
+            time.sleep(0.1)
         assert httpx2.get(s.url + "/health", timeout=10).status_code == 200  # idle is healthy
         again = s.post("/v1/chat/completions", {"model": s.model, "messages": [{"role": "user", "content": QUESTION}]},
                         key=None)
@@ -182,3 +190,30 @@ def test_a_bad_keep_alive_is_a_usage_error(value):
 
     result = CliRunner().invoke(main, ["serve", "--keep-alive", value])
     assert result.exit_code == 2 and "--keep-alive" in result.output and "Traceback" not in result.output
+
+
+def resident_kb(pid: int, path: Path) -> int:
+    """Resident kB of process ``pid``'s mappings of ``path``."""
+    total, inside = 0, False
+    for line in open(f"/proc/{pid}/smaps", encoding="utf-8", errors="replace"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/smaps")
+def test_the_servers_engine_does_not_hold_the_weights_twice(warm, demo_model):
+    """As ChatSession does, the engine process's warm-up gives back the pages of the mapped weight
+    file that the CPU plugin has copied into its own layout. Without it the whole file (110 MB)
+    stays resident in the engine beside the plugin's copy."""
+    bin_file = (demo_model / "openvino_model.bin").resolve()
+    size_kb = bin_file.stat().st_size // 1024
+    answer = warm.post("/v1/chat/completions", {"model": warm.model, "max_tokens": 16,
+                                                "messages": [{"role": "user", "content": QUESTION}]})
+    assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
+    pid = httpx2.get(warm.url + "/health", timeout=10).json()["engine"]["pid"]
+    assert resident_kb(pid, bin_file) < size_kb // 5
