@@ -499,13 +499,7 @@ class ChatSession:
             events.close()
             cancelled = finish == "cancelled"
             text = "".join(parts)
-            self.last_reply = Reply(text, calls)
-            if history is not None:
-                message: Dict[str, Any] = {"role": "assistant", "content": text}
-                if calls:
-                    message["tool_calls"] = [{"id": c.id, "type": "function",
-                                              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-                self._messages = history + [message]
+            self._record_reply(history, text, calls)
             generated = usage.get("completion_tokens", len(ticks))
             decode_s = ticks[-1] - ticks[0] if len(ticks) > 1 else 0.0
             self.last_metrics = TurnMetrics(
@@ -535,13 +529,7 @@ class ChatSession:
             calls, text = ([call], "") if call is not None else ([], text)
         elif shape.choice == "auto" and shape.tools:
             text, calls = parse(text, shape.tools, self._tokenizer.chat_template or "")
-        self.last_reply = Reply(text, calls)
-        if history is not None:
-            message: Dict[str, Any] = {"role": "assistant", "content": text}
-            if calls:
-                message["tool_calls"] = [{"id": c.id, "type": "function",
-                                          "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-            self._messages = history + [message]
+        self._record_reply(history, text, calls)
         if result is None:
             return
         perf = result.perf_metrics
@@ -566,6 +554,18 @@ class ChatSession:
         )
 
     # -- context window -------------------------------------------------------------------
+
+    def _record_reply(self, history: Optional[List[Dict[str, Any]]], text: str, calls: List[ToolCall]) -> None:
+        """Keep the reply as ``last_reply`` and, in a conversation, as its next assistant message
+        (with OpenAI's ``tool_calls`` when the model called tools)."""
+        self.last_reply = Reply(text, calls)
+        if history is None:  # raw completion: no conversation to extend
+            return
+        message: Dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        self._messages = history + [message]
 
     def _count(self, messages: List[Dict[str, Any]], *, add_generation_prompt: bool = True,
                shape: _Shape = _Shape()) -> int:
