@@ -187,11 +187,13 @@ class ChatSession:
 
             factory = openvino_genai.LLMPipeline
         start = time.perf_counter()
-        extra = self.speculation.pipeline_kwargs if self.speculation is not None else lambda _device, _props: {}
-        pipe, self.device = compile_with_fallback(
-            lambda device: factory(str(self.model_path), device.name,
-                                   **loaded.properties(device), **extra(device.name, loaded.properties(device))),
-            self.device, model=self.model_path, notice=self._notice)
+        def compile(device: DeviceChoice) -> Any:
+            props = loaded.properties(device)
+            if self.speculation is not None:  # the draft model compiles with the main model's properties
+                props = {**props, **self.speculation.pipeline_kwargs(device.name, props)}
+            return factory(str(self.model_path), device.name, **props)
+
+        pipe, self.device = compile_with_fallback(compile, self.device, model=self.model_path, notice=self._notice)
         if self.device.family == "CPU":
             self._warm_up(pipe)
         return pipe, time.perf_counter() - start
