@@ -147,19 +147,24 @@ class Reference:
         self.scale = (c.get("query_pre_attn_scalar") or self.head_dim) ** -0.5 if gemma else self.head_dim ** -0.5
         self.softcap = c.get("final_logit_softcapping") if gemma else None
         self.qk_norm = self.arch in ("qwen3", "gemma3")
-        if self.arch in ("qwen2", "qwen3"):  # windowed from layer max_window_layers on, when enabled
+        no_rope = c.get("no_rope_layers") if self.arch == "smollm3" else None
+        if self.arch == "smollm3" and no_rope is None:
+            no_rope = [int((i + 1) % c.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+        # Which layers slide, as each transformers config derives layer_types when it is absent.
+        types = c.get("layer_types")
+        if self.arch in ("qwen2", "qwen3"):
             on = c.get("use_sliding_window") and c.get("sliding_window")
-            self.windows = [c["sliding_window"] if on and i >= c.get("max_window_layers", 0) else None
-                            for i in range(n)]
+            types = types or ["sliding_attention" if i >= c.get("max_window_layers", 0) else "full" for i in range(n)]
+            self.windows = [c["sliding_window"] if on and types[i] == "sliding_attention" else None for i in range(n)]
         elif gemma:
-            types = c.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                                             for i in range(n)]
+            types = types or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
             self.windows = [c["sliding_window"] if t == "sliding_attention" else None for t in types]
         elif self.arch == "smollm3":
-            self.windows = [c.get("sliding_window") if c.get("use_sliding_window") else None] * n
+            on = c.get("use_sliding_window") and c.get("sliding_window")
+            types = types or ["sliding_attention" if not no_rope[i] else "full" for i in range(n)]
+            self.windows = [c["sliding_window"] if on and types[i] == "sliding_attention" else None for i in range(n)]
         else:
             self.windows = [c.get("sliding_window")] * n
-        no_rope = c.get("no_rope_layers") if self.arch == "smollm3" else None
         self.rotates = [bool(no_rope[i]) if no_rope else True for i in range(n)]
         self.reset()
 
@@ -205,7 +210,7 @@ class Reference:
         for i in range(c["num_hidden_layers"]):
             p = f"model.layers.{i}"
             h = self._norm(x, f"{p}.input_layernorm.weight")
-            if self.arch == "phi3":
+            if f"{p}.self_attn.qkv_proj.weight" in w:  # Phi-3 as stored (split: as a converted IR holds it)
                 qkv = h @ w[f"{p}.self_attn.qkv_proj.weight"].T
                 q, k, v = np.split(qkv, [self.heads * hd, (self.heads + self.kv_heads) * hd], axis=-1)
             else:
@@ -234,7 +239,7 @@ class Reference:
             else:
                 x = x + out
                 h = self._norm(x, f"{p}.post_attention_layernorm.weight")
-            if self.arch == "phi3":
+            if f"{p}.mlp.gate_up_proj.weight" in w:
                 gate, up = np.split(h @ w[f"{p}.mlp.gate_up_proj.weight"].T, 2, axis=-1)
             else:
                 gate, up = self._linear(h, f"{p}.mlp.gate_proj"), self._linear(h, f"{p}.mlp.up_proj")

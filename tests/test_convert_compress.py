@@ -226,7 +226,9 @@ def test_fp16_conversion_asks_for_an_f16_kv_cache_and_runtimes_honour_it(tmp_pat
     from convert_helpers import Reference, write_checkpoint
     from ovchat.convert import convert
 
-    hf = write_checkpoint(tmp_path / "phi3", "phi3", seed=4, sliding_window=16)
+    # Seed 6: with exact RoPE tables the u8 cache diverges at token 4 (seed 4 diverged only through the
+    # f16-rounded frequencies the IR used to hold, and follows the reference with them exact).
+    hf = write_checkpoint(tmp_path / "phi3", "phi3", seed=6, sliding_window=16)
     out = convert(hf, tmp_path / "fp16", recipe=Recipe(weight_format="fp16"), receipt=False)
     assert json.loads((out / "ovchat.json").read_text())["runtime_options"] == {"KV_CACHE_PRECISION": "f16"}
     compiled = ov.Core().compile_model(out / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

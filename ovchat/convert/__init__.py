@@ -167,7 +167,7 @@ class _Built:
 def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: ProgressCallback) -> _Built:
     import openvino as ov
 
-    from ovchat.convert.compress import compress
+    from ovchat.convert.compress import compress, save
 
     core = ov.Core()
     if checkpoint.kind == "ov":
@@ -191,7 +191,7 @@ def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: Prog
             # pages read while dequantizing, and compress the IR read back memory-mapped.
             float_xml = work / _FLOAT_DIR / MODEL_XML
             progress(Progress("save", "saving the float model"))
-            ov.save_model(model, float_xml, compress_to_fp16=False)
+            save(model, float_xml)
             del model
             gc.collect()
             checkpoint.drop_weight_pages()
@@ -207,8 +207,7 @@ def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: Prog
     for key, value in runtime_options.items():
         model.set_rt_info(value, ["runtime_options", key])
     progress(Progress("save", "saving the model"))
-    # Kept weights carry float32 scales and zero points that an f16 copy would round.
-    ov.save_model(model, work / MODEL_XML, compress_to_fp16=recipe.weight_format != "keep")
+    save(model, work / MODEL_XML)
     del model
     gc.collect()
     return _Built(bitwidths, kept, runtime_options, reference)

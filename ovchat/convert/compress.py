@@ -29,8 +29,10 @@ def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ig
     """Compress ``model``'s weights in place as ``recipe`` says.
 
     Returns the model and its bitwidth distribution (see ``bitwidth_distribution``). With
-    ``fp16`` nothing is quantized: bf16 weights become f16 here, f32 weights when the model is
-    saved with ``compress_to_fp16=True`` (``openvino.save_model``'s default).
+    ``fp16`` nothing is quantized: bf16 and f32 weights become f16 here. Every other float
+    constant keeps its precision: the model is to be saved with ``compress_to_fp16=False``
+    (see ``save``), since openvino's default would round RoPE's frequency table, norm scales and
+    epsilons to f16 as well, an error that grows with the position.
     """
     recipe = recipe.resolve(quantized_source=recipe.weight_format == "keep")  # auto, on float weights: int4
     if recipe.weight_format == "keep":
@@ -38,7 +40,7 @@ def compress(model: ov.Model, recipe: Recipe, *, progress: ProgressCallback = ig
         return model, bitwidth_distribution(model)
     mapped = _MappedWeights(model)
     if recipe.weight_format == "fp16":
-        _bf16_to_f16(model, after_each=mapped.release)
+        _weights_to_f16(model, after_each=mapped.release)
         return model, bitwidth_distribution(model, float_as="fp16")
 
     import nncf
@@ -170,23 +172,52 @@ def _logits_producer(model: ov.Model) -> str:
 
 # --- fp16 -----------------------------------------------------------------------------------------
 
-def _bf16_to_f16(model: ov.Model, after_each: Callable[[], None]) -> None:
-    """Replace bf16 weight Constants by f16 ones (values beyond f16's range are clipped)."""
+def _weights_to_f16(model: ov.Model, after_each: Callable[[], None]) -> None:
+    """Store the weights in f16: every bf16 Constant, and the f32 Constants that are weights
+    (those a MatMul or Gather reads). Values beyond f16's range are clipped.
+
+    Small f32 constants (RoPE's inverse frequencies, Gemma's 1 + w norm scales, epsilons) stay
+    f32: in f16, 0.649381... becomes 0.6494140625, and a frequency that is off by 1e-4 turns
+    every key 2,000 positions away by a fifth of a radian."""
     import openvino.opset13 as ops
 
     f16_max = float(np.finfo(np.float16).max)
+    weights = {c.get_name() for c in _weight_constants(model) if c.get_element_type() == ov.Type.f32}
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.bf16:
+        if op.get_type_name() != "Constant":
             continue
-        # get_data() shows bf16 bits as float16; they are bfloat16 bits, the top half of a float32.
-        bits = op.get_data().view(np.uint16)
-        widened = (bits.astype(np.uint32) << 16).view(np.float32)
-        f16 = ops.constant(np.clip(widened, -f16_max, f16_max).astype(np.float16))
+        if op.get_element_type() == ov.Type.bf16:
+            # get_data() shows bf16 bits as float16; they are bfloat16 bits, the top half of a float32.
+            bits = op.get_data().view(np.uint16)
+            values = (bits.astype(np.uint32) << 16).view(np.float32)
+        elif op.get_name() in weights:
+            values = op.get_data()
+        else:
+            continue
+        f16 = ops.constant(np.clip(values, -f16_max, f16_max).astype(np.float16))
         f16.set_friendly_name(op.get_friendly_name())
         f16.output(0).set_names(op.output(0).get_names())
-        op.output(0).replace(f16.output(0))
+        # A bf16 weight already reaches its consumer through a Convert to f32; an f32 one needs one.
+        op.output(0).replace(f16.output(0) if op.get_name() not in weights else ops.convert(f16, ov.Type.f32).output(0))
         after_each()
     model.validate_nodes_and_infer_types()
+
+
+def _weight_constants(model: ov.Model) -> List[ov.Node]:
+    """The Constants that MatMul and Gather ops read as weights (each once, by unique name)."""
+    found: Dict[str, ov.Node] = {}
+    for op in model.get_ordered_ops():
+        port = {"MatMul": 1, "Gather": 0}.get(op.get_type_name())
+        const = _weight_constant(op.input_value(port)) if port is not None else None
+        if const is not None:
+            found.setdefault(const.get_name(), const)
+    return list(found.values())
+
+
+def save(model: ov.Model, path) -> None:
+    """Write the IR with every constant in the precision it has here (``compress`` chose the
+    weights' storage; nothing else may be rounded to f16 behind its back)."""
+    ov.save_model(model, path, compress_to_fp16=False)
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -297,4 +328,4 @@ def _nncf_quiet(progress: ProgressCallback, after_step: Callable[[], None]) -> I
             nncf_logger.addHandler(h)
 
 
-__all__ = ["Recipe", "compress", "bitwidth_distribution"]
+__all__ = ["Recipe", "compress", "bitwidth_distribution", "save"]
