@@ -130,11 +130,14 @@ def _decompressed(w: QuantizedWeight, name: str) -> ov.Output:
     else:  # a 4-bit Tensor is built from its packed bytes: two values a byte, low nibble first
         q = _named(ops.constant(ov.Tensor(w.packed(), list(w.q.shape), _FOUR_BIT[w.element]), shared_memory=False),
                    name)
-    scale_type = ov.Type.f16 if w.scale.dtype == np.float16 else ov.Type.f32
+    scale_type = ov.Type.f16 if w.scale.dtype == np.float16 and w.zero_point is None else ov.Type.f32
     x = ops.convert(q, scale_type)
+    scale = _named(ops.constant(w.scale), f"{name}/scale")
     if w.zero_point is not None:
         x = ops.subtract(x, _named(ops.constant(w.zero_point.astype(np.float32)), f"{name}/zero_point"))
-    x = ops.multiply(x, _named(ops.constant(w.scale), f"{name}/scale"))
+        if w.scale.dtype == np.float16:  # an f16 scale beside an f32 zero point: widened by a Convert
+            scale = ops.convert(scale, ov.Type.f32)
+    x = ops.multiply(x, scale)
     x = ops.reshape(x, _i64(list(w.shape)), special_zero=False)
     return x.output(0) if scale_type == ov.Type.f32 else ops.convert(x, ov.Type.f32).output(0)
 

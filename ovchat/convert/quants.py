@@ -75,12 +75,12 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
 def _asym(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, element: str) -> tuple:
     """``scale * q + offset`` as ``scale * (q - zp)``. A group whose scale is 0 holds only its
     offset; its integers are set to 0 and its scale to 1 so that ``zp = -offset`` carries it."""
-    scale = scale.astype(np.float32)
     empty = scale == 0
     if empty.any():
         q = np.where(empty[..., None], 0, q).astype(q.dtype)
-        scale = np.where(empty, np.float32(1), scale)
-    return q, scale, (-offset.astype(np.float32) / scale).astype(np.float32), element
+        scale = np.where(empty, scale.dtype.type(1), scale)
+    zero_point = (-offset.astype(np.float32) / scale.astype(np.float32)).astype(np.float32)
+    return q, scale, zero_point, element
 
 
 # --- the common types, unpacked bit for bit -------------------------------------------------------

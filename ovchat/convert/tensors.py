@@ -112,9 +112,9 @@ class QuantizedWeight:
         return flat[0::2] | (flat[1::2] << np.uint8(4))
 
     def describe(self) -> str:
-        """'int4_asym g32, f32 scale and zero point': the form as the manifest records it."""
+        """'int4_asym g32, f16 scale, f32 zero point': the form as the manifest records it."""
         bits = CONTAINERS[self.element][1]
         scale = "f16" if self.scale.dtype == np.float16 else "f32"
         if self.zero_point is None:
             return f"int{bits}_sym g{self.group_size}, {scale} scale"
-        return f"int{bits}_asym g{self.group_size}, {scale} scale and zero point"
+        return f"int{bits}_asym g{self.group_size}, {scale} scale, f32 zero point"
