@@ -152,13 +152,9 @@ def prompt_ids(tokenizer: Any, n_tokens: int, *, offset: int = 0) -> List[int]:
 
 def forced_config(pipe: Any, new_tokens: int) -> Any:
     """Greedy decoding of exactly ``new_tokens`` tokens (end-of-sequence tokens are ignored)."""
-    config = pipe.get_generation_config()
-    config.max_new_tokens = new_tokens
-    config.min_new_tokens = new_tokens
-    config.ignore_eos = True
-    config.do_sample = False
-    config.stop_strings = set()
-    return config
+    from ovchat.options import GenerationSettings
+
+    return GenerationSettings.forced(new_tokens).to_genai(pipe.get_generation_config())
 
 
 # -- one run (in a fresh process) -------------------------------------------------------------

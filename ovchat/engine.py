@@ -202,11 +202,10 @@ class ChatSession:
         """Repack the weights now rather than in the first reply, and give back the mapped
         weight pages that leaves resident (see ovchat.warmup): peak RSS 384 -> ~312 MB on the
         demo model, 5.39 -> 2.94 GB on Phi-3-mini int4."""
-        from ovchat.warmup import warm_up, warm_up_ids
+        from ovchat.warmup import warm_up
 
         try:
-            warm_up(pipe, self.model_path, warm_up_ids(pipe.get_tokenizer()),
-                    self.speculation.configure if self.speculation is not None else None)
+            warm_up(pipe, self.model_path, self.speculation)
         except RuntimeError as e:
             raise ModelLoadError(f"{self.model_path} was compiled on {self.device.name} but cannot run: "
                                  f"{summary(e)}") from None
@@ -399,14 +398,8 @@ class ChatSession:
         ``history`` None, the continuation of the token ids ``prompt`` (kept nowhere)."""
         import openvino_genai
 
-        from ovchat.structured import genai_config
-
-        config = opts.to_genai(self._pipe.get_generation_config(), max_new_tokens=max_new)
-        if self.speculation is not None:
-            self.speculation.configure(config)
-        constraint = genai_config(**shape.structured)
-        if constraint is not None:
-            config.structured_output_config = constraint
+        config = opts.settings(max_new, **shape.structured).to_genai(self._pipe.get_generation_config(),
+                                                                     self.speculation)
         splitter = Splitter(shape.tools, self._tokenizer.chat_template or "") if shape.choice == "auto" and \
             shape.tools else None
         chunks: "queue.Queue[object]" = queue.Queue()

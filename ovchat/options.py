@@ -1,9 +1,19 @@
-"""Generation options: one validated, immutable value that maps onto openvino_genai.GenerationConfig."""
+"""How a reply is generated: what a user sets, and what one generation runs with.
+
+``GenerationOptions`` are the user's settings (`ovchat run` flags, ``/set``, a request's sampling
+fields), validated and immutable. ``GenerationSettings`` is one generation as GenAI runs it: the
+options resolved for one reply (how many tokens it may have) plus what only some callers ask for
+(a grammar, log-probabilities, several choices, a forced length). It is plain data, so it crosses
+the server's process boundary, and its ``to_genai`` is the one mapping onto
+``openvino_genai.GenerationConfig`` that the chat session, the server, the warm-up and the
+benchmark all use.
+"""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from ovchat.errors import OptionError
 
@@ -115,21 +125,87 @@ class GenerationOptions:
             fields["seed"] = self.seed
         return fields
 
-    def to_genai(self, config: Any, *, max_new_tokens: Optional[int] = None) -> Any:
-        """Fill an openvino_genai.GenerationConfig (the model's own, so its eos ids are kept)."""
-        config.max_new_tokens = max_new_tokens if max_new_tokens is not None else self.max_new_tokens
+    def settings(self, max_new_tokens: Optional[int] = None, **extra: Any) -> "GenerationSettings":
+        """These options for one generation of at most ``max_new_tokens`` (default: the option's
+        own), with ``extra`` GenerationSettings fields (a grammar, logprobs, n...)."""
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            do_sample=self.temperature > 0, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty, stop_strings=self.stop, rng_seed=self.seed, **extra)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """One generation, as GenAI runs it (plain data: it crosses the server's process boundary).
+
+    ``json_schema``: a JSON schema the output must follow; ``call_choices``: or one of these
+    calls, ``(function name, its parameters' JSON schema)`` (toolcalls.forced_output).
+    ``num_assistant_tokens``/``max_ngram_size``: this request's own speculation settings.
+    """
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_strings: Tuple[str, ...] = ()
+    rng_seed: Optional[int] = None
+    logprobs: bool = False
+    n: int = 1
+    json_schema: Optional[str] = None
+    call_choices: Optional[Sequence[Sequence[str]]] = None
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    num_assistant_tokens: Optional[int] = None
+    max_ngram_size: Optional[int] = None
+
+    @classmethod
+    def forced(cls, new_tokens: int) -> "GenerationSettings":
+        """Greedy decoding of exactly ``new_tokens`` tokens, end-of-sequence ignored (warm-up, bench)."""
+        return cls(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True)
+
+    def to_genai(self, config: Any, speculation: Any = None) -> Any:
+        """Fill ``config``, the model's own GenerationConfig (so its eos ids are kept); with
+        ``speculation`` (ovchat.speculation.Speculation), its fields, then this request's own."""
+        from ovchat.structured import genai_config
+
+        config.max_new_tokens = self.max_new_tokens
+        config.min_new_tokens = self.min_new_tokens
+        config.ignore_eos = self.ignore_eos
         config.repetition_penalty = self.repetition_penalty
-        config.do_sample = self.temperature > 0
-        if config.do_sample:
+        config.presence_penalty = self.presence_penalty
+        config.frequency_penalty = self.frequency_penalty
+        config.do_sample = self.do_sample
+        if self.do_sample:
             config.temperature = self.temperature
             config.top_p = self.top_p
             if self.top_k:
                 config.top_k = self.top_k
-        if self.stop:
-            config.stop_strings = set(self.stop)
-        if self.seed is not None:
-            config.rng_seed = self.seed
+            # GenAI's default seed is a constant: without a seed of its own, every "random" reply
+            # would be the same one. A seed given is kept, so a seeded reply is reproducible.
+            config.rng_seed = self.rng_seed if self.rng_seed is not None else secrets.randbits(32)
+        elif self.rng_seed is not None:
+            config.rng_seed = self.rng_seed
+        config.num_return_sequences = self.n
+        config.stop_strings = set(self.stop_strings)
+        if self.logprobs:
+            config.logprobs = 1
+        structured = genai_config(json_schema=self.json_schema, call_choices=self.call_choices)
+        if structured is not None:
+            config.structured_output_config = structured
+        if speculation is not None:
+            speculation.configure(config)
+            if self.num_assistant_tokens is not None:
+                config.num_assistant_tokens = self.num_assistant_tokens
+            if self.max_ngram_size is not None:
+                config.max_ngram_size = self.max_ngram_size
         return config
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def check_text(value: str, what: str) -> str:

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 from ovchat import pages
 from ovchat.modelfiles import MODEL_BIN
@@ -91,17 +91,28 @@ def with_pages_dropped(model_path: Path, work: Callable[[], Any]) -> Any:
                  dropped >> 20)
 
 
-def warm_up(pipe: Any, model_path: Path, token_ids: List[int],
-            configure: Optional[Callable[[Any], Any]] = None) -> None:
-    """One short generation from ``token_ids`` (two new tokens: a prefill and a decode step) of an
-    LLMPipeline, with the model's weight pages dropped while it runs and after it. ``configure``
-    completes the GenerationConfig where the pipeline needs more (speculative decoding does)."""
+def warm_up(pipe: Any, model_path: Path, speculation: Any = None) -> None:
+    """One short generation (a prefill of WARM_UP_TOKENS and a decode step) of a freshly compiled
+    ``LLMPipeline`` or ``ContinuousBatchingPipeline``, with the model's weight pages dropped while
+    it runs and after it. ``speculation`` (ovchat.speculation.Speculation) is the pipeline's own:
+    GenAI needs its fields on every request of a speculating pipeline."""
     import numpy as np
     import openvino as ov
 
-    config = pipe.get_generation_config()
-    config.max_new_tokens = config.min_new_tokens = 2
-    config.ignore_eos, config.do_sample = True, False
-    if configure is not None:
-        configure(config)
-    with_pages_dropped(model_path, lambda: pipe.generate(ov.Tensor(np.array([token_ids], dtype=np.int64)), config))
+    from ovchat.options import GenerationSettings
+
+    prompt = ov.Tensor(np.array([warm_up_ids(pipe.get_tokenizer())], dtype=np.int64))
+    settings = GenerationSettings.forced(2)
+    if hasattr(pipe, "add_request"):  # the server's continuous-batching pipeline
+        config = settings.to_genai(pipe.get_config(), speculation)
+
+        def generate() -> None:
+            pipe.add_request(0, prompt, config)
+            while pipe.has_non_finished_requests():
+                pipe.step()
+    else:
+        config = settings.to_genai(pipe.get_generation_config(), speculation)
+
+        def generate() -> None:
+            pipe.generate(prompt, config)
+    with_pages_dropped(model_path, generate)

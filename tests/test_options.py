@@ -45,10 +45,10 @@ def test_text_values_as_typed_at_the_repl():
 def test_mapping_onto_genai_config():
     import openvino_genai
 
-    config = GenerationOptions(temperature=0.5, top_k=5, seed=3, stop=("x",)).to_genai(
-        openvino_genai.GenerationConfig(), max_new_tokens=9)
+    config = GenerationOptions(temperature=0.5, top_k=5, seed=3, stop=("x",)).settings(9).to_genai(
+        openvino_genai.GenerationConfig())
     assert config.do_sample and config.temperature == pytest.approx(0.5)
     assert (config.top_k, config.rng_seed, config.max_new_tokens) == (5, 3, 9)
     assert config.stop_strings == {"x"}
-    greedy = GenerationOptions().to_genai(openvino_genai.GenerationConfig())
+    greedy = GenerationOptions().settings().to_genai(openvino_genai.GenerationConfig())
     assert not greedy.do_sample and greedy.max_new_tokens == 1024

@@ -34,9 +34,8 @@ from starlette.routing import Route
 from ovchat import structured
 from ovchat.errors import (APIError, EngineUnavailableError, InvalidRequestError, RequestError, ServerBusyError,
                            summary)
-from ovchat.options import GenerationOptions
+from ovchat.options import GenerationOptions, GenerationSettings
 from ovchat.server.client import EngineClient
-from ovchat.server.engine import GenerationSettings
 from ovchat.server.metrics import Metrics
 from ovchat.server.responses import THINK_CLOSE, THINK_OPEN, Choice, Reasoning, Renderer, ToolPlan, usage
 from ovchat.server.schema import GenerationRequest, check_text, parse_chat, parse_completion
@@ -395,7 +394,7 @@ def create_app(engine: EngineClient, settings: ServerSettings,
     activity = {"last": time.monotonic(), "active": 0}  # for --keep-alive
     metrics = Metrics(settings.model_id, lambda: {
         "ovchat_requests_running": admission.busy, "ovchat_requests_waiting": admission.queued,
-        "ovchat_kv_cache_usage_ratio": engine.stats.get("kv_cache_usage", 0.0),
+        "ovchat_kv_cache_usage_ratio": engine.stats.kv_cache_usage,
         "ovchat_engine_restarts_total": engine.restarts})
     created = int(time.time())
     model_id = settings.model_id
@@ -654,13 +653,9 @@ def _check_speculation(parsed: GenerationRequest, lever: Any) -> None:
 
 def to_settings(options: GenerationOptions, max_new: int, parsed: GenerationRequest,
                 structured: Dict[str, Any]) -> GenerationSettings:
-    return GenerationSettings(
-        max_new_tokens=max_new, do_sample=options.temperature > 0, temperature=options.temperature,
-        top_p=options.top_p, top_k=options.top_k, repetition_penalty=options.repetition_penalty,
-        presence_penalty=parsed.penalties.get("presence_penalty", 0.0),
-        frequency_penalty=parsed.penalties.get("frequency_penalty", 0.0),
-        stop_strings=list(options.stop), rng_seed=options.seed, logprobs=parsed.logprobs, n=parsed.n,
-        **parsed.speculation, **structured)
+    return options.settings(max_new, presence_penalty=parsed.penalties.get("presence_penalty", 0.0),
+                            frequency_penalty=parsed.penalties.get("frequency_penalty", 0.0),
+                            logprobs=parsed.logprobs, n=parsed.n, **parsed.speculation, **structured)
 
 
 class _Clock:

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from ovchat.errors import EngineUnavailableError, InvalidRequestError
+from ovchat.options import GenerationSettings
 from ovchat.server import engine as engine_process
-from ovchat.server.engine import EngineSpec, GenerationSettings, settings_dict
+from ovchat.server import protocol
+from ovchat.server.engine import EngineSpec
 
 log = logging.getLogger("ovchat.server")
 
@@ -66,7 +68,7 @@ class EngineClient:
         self.restarts = 0
         self.pid: Optional[int] = None
         self._reloading = False  # loading again after a --keep-alive unload: requests wait for it
-        self.stats: Dict[str, Any] = {}
+        self.stats = protocol.Stats()
         self.tokenizer: Any = None
         self._on_ready = on_ready
         self._on_failed = on_failed
@@ -111,7 +113,7 @@ class EngineClient:
         process = self._process
         if process is None:
             return
-        self._outbox.put(("stop",))
+        self._outbox.put(protocol.Stop())
         process.join(timeout)
         if process.is_alive():
             process.kill()
@@ -122,22 +124,21 @@ class EngineClient:
         try:
             while True:
                 message = conn.recv()
-                kind = message[0]
-                if kind == "ready":
-                    self.load_s = message[1]["load_s"]
+                if isinstance(message, protocol.Ready):
+                    self.load_s = message.load_s
                     self.state, self.error = "ready", None
                     self._reloading = False
                     self._failed_restarts = 0
-                    log.info("model loaded on %s in %.1fs (engine process %d); ready", message[1]["device"],
-                             self.load_s, message[1]["pid"])
+                    log.info("model loaded on %s in %.1fs (engine process %d); ready", message.device,
+                             self.load_s, message.pid)
                     self._on_ready()
-                elif kind == "fatal":
-                    self.error = message[1]
+                elif isinstance(message, protocol.Fatal):
+                    self.error = message.message
                     break
-                elif kind == "step":
-                    self.stats = message[2]
-                    for rid, outputs, finished, error in message[1]:
-                        self._deliver(rid, outputs, finished, error)
+                elif isinstance(message, protocol.Step):
+                    self.stats = message.stats
+                    for update in message.updates:
+                        self._deliver(update)
         except (EOFError, OSError):
             pass
         process.join(5)
@@ -177,7 +178,7 @@ class EngineClient:
             self.state = "unloaded"
             process, outbox = self._process, self._outbox
             self._process = None  # its reader must not take the exit for a crash
-        outbox.put(("stop",))
+        outbox.put(protocol.Stop())
         outbox.put(None)
         log.info("no request for a while: the model is unloaded (it loads again on the next request)")
         if process is not None:
@@ -222,7 +223,7 @@ class EngineClient:
             self.require_ready()
             self._requests[rid] = request
             outbox = self._outbox
-        outbox.put(("add", rid, prompt_ids, settings_dict(settings)))
+        outbox.put(protocol.Add(rid, tuple(prompt_ids), settings))
         remaining = settings.n
         try:
             while remaining:
@@ -236,17 +237,18 @@ class EngineClient:
             with self._requests_lock:
                 gone = self._requests.pop(rid, None) is not None
             if gone and remaining:
-                self._outbox.put(("cancel", rid))
+                self._outbox.put(protocol.Cancel(rid))
 
-    def _deliver(self, rid: int, outputs: Dict[int, tuple], finished: Dict[int, str], error: Optional[str]) -> None:
+    def _deliver(self, update: protocol.Update) -> None:
         with self._requests_lock:
-            request = self._requests.get(rid)
+            request = self._requests.get(update.rid)
         if request is None:
             return
-        items: List[Any] = [Output(i, ids, logprobs, finished.get(i)) for i, (ids, logprobs) in outputs.items()]
-        items += [Output(i, [], [], reason) for i, reason in finished.items() if i not in outputs]
-        if error is not None:
-            items.append(_domain_error(error, self.spec))
+        items: List[Any] = [Output(i, list(t.ids), list(t.logprobs), update.finished.get(i))
+                            for i, t in update.outputs.items()]
+        items += [Output(i, [], [], reason) for i, reason in update.finished.items() if i not in update.outputs]
+        if update.failure is not None:
+            items.append(_domain_error(update.failure, self.spec))
         for item in items:
             _put(request, item)
 
@@ -280,11 +282,11 @@ def _put(request: _Request, item: Any) -> None:
         pass  # the event loop has closed: the server is gone and nobody is waiting
 
 
-def _domain_error(code: str, spec: EngineSpec) -> Exception:
-    if code == engine_process.KV_CACHE_EXCEEDED:
+def _domain_error(failure: protocol.Failure, spec: EngineSpec) -> Exception:
+    if failure.code == protocol.KV_CACHE_EXCEEDED:
         return InvalidRequestError(f"the request needs more KV cache than the server has; shorten it or restart the "
                                    f"server with more than {spec.kv_cache_gb} GB (--kv-cache-gb)",
                                    code="kv_cache_exceeded")
-    if code.startswith(engine_process.INVALID):
-        return InvalidRequestError(code.partition(": ")[2] or "the generation settings were refused")
+    if failure.code == protocol.INVALID:
+        return InvalidRequestError(failure.message or "the generation settings were refused")
     return EngineUnavailableError("a generation step failed in the model engine; retry", code="engine_failed")

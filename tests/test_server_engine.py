@@ -1,0 +1,82 @@
+"""The server's engine driven in this process (no pipe, no HTTP): requests in, steps, updates out.
+
+``Engine`` is what the engine process runs; ``run`` only wraps it in a pipe loop. So batching,
+cancellation and refusals are tested here directly on the real demo model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ovchat.options import GenerationSettings
+from ovchat.server import protocol
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model):
+    from ovchat.devices import CPU_ACCURACY
+    from ovchat.server.engine import Engine, EngineSpec
+
+    return Engine(EngineSpec(demo_model, "CPU", dict(CPU_ACCURACY), max_running=4, kv_cache_gb=1))
+
+
+def prompt(demo_model, text: str):
+    import openvino_genai
+
+    tokenizer = openvino_genai.Tokenizer(str(demo_model))
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tuple(int(i) for i in tokenizer.encode(templated, add_special_tokens=False).input_ids.data[0])
+
+
+def run_all(engine, requests, *, cancel_after=None, steps=2000):
+    """Add the requests, step until every one ended; the tokens and finish reasons by request."""
+    tokens = {r.rid: [] for r in requests}
+    finished, failures = {}, {}
+    for r in requests:
+        refused = engine.add(r)
+        if refused is not None:
+            failures[r.rid] = refused.failure
+    for step in range(steps):
+        if not engine.busy:
+            break
+        if cancel_after is not None and step == cancel_after[1]:
+            engine.cancel(cancel_after[0])
+            finished[cancel_after[0]] = "cancelled"
+        for update in engine.step():
+            for out in update.outputs.values():
+                tokens[update.rid] += out.ids
+            finished.update({update.rid: r for r in update.finished.values()})
+            if update.failure is not None:
+                failures[update.rid] = update.failure
+    assert not engine.busy, "the engine never finished"
+    return tokens, finished, failures
+
+
+def test_requests_batched_in_one_engine_get_what_they_get_alone(engine, demo_model):
+    ask = prompt(demo_model, "What is the capital of France?")
+    story = prompt(demo_model, "Tell me a short story.")
+    alone, _, _ = run_all(engine, [protocol.Add(1, ask, GenerationSettings(max_new_tokens=24))])
+    together, finished, failures = run_all(engine, [protocol.Add(2, ask, GenerationSettings(max_new_tokens=24)),
+                                                    protocol.Add(3, story, GenerationSettings(max_new_tokens=24))])
+    assert not failures and together[2] == alone[1] and len(together[3]) > 0
+    assert set(finished) == {2, 3}
+
+
+def test_a_cancelled_request_stops_and_the_others_go_on(engine, demo_model):
+    story = prompt(demo_model, "Write a very long story about a dragon.")
+    long = GenerationSettings.forced(200)
+    tokens, finished, failures = run_all(engine, [protocol.Add(4, story, long), protocol.Add(5, story, long)],
+                                         cancel_after=(4, 10))
+    assert not failures and finished[4] == "cancelled" and len(tokens[4]) < 20
+    assert len(tokens[5]) == 200 and finished[5] == "length"
+
+
+def test_settings_genai_refuses_fail_that_request_alone(engine, demo_model):
+    ask = prompt(demo_model, "What is the capital of France?")
+    # Several greedy outputs: GenAI refuses them when the request is added.
+    tokens, finished, failures = run_all(engine, [protocol.Add(6, ask, GenerationSettings(max_new_tokens=8, n=2)),
+                                                  protocol.Add(7, ask, GenerationSettings.forced(8))])
+    assert failures[6].code == protocol.INVALID and failures[6].message
+    assert 7 not in failures and finished[7] == "length" and len(tokens[7]) == 8
