@@ -6,7 +6,12 @@ Public API::
     session = ChatSession()            # the default model, on the best device
     print(session.send("Hello!"))
 
+    from ovchat.convert import convert  # needs the convert extra
+    convert("model.gguf", "out/model")
+
 Heavy modules (OpenVINO, NNCF) are imported on first use, so importing ovchat is instant.
+(``convert`` is not re-exported here: the name belongs to the ``ovchat.convert`` package, which
+Python binds to ``ovchat.convert`` as soon as it is imported.)
 """
 
 from __future__ import annotations
@@ -17,18 +22,18 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ChatSession": "ovchat.engine",
-    "TurnMetrics": "ovchat.engine",
+    "ChatSession": "ovchat.session",
+    "Response": "ovchat.session",
+    "Reply": "ovchat.session",
+    "TurnMetrics": "ovchat.session",
     "GenerationOptions": "ovchat.options",
-    "convert": "ovchat.convert",
     "OvchatError": "ovchat.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ovchat.convert import convert
-    from ovchat.engine import ChatSession, TurnMetrics
+    from ovchat.session import ChatSession, Reply, Response, TurnMetrics
     from ovchat.errors import OvchatError
     from ovchat.options import GenerationOptions
 

@@ -181,7 +181,7 @@ def measure_run(model: str, device: str, prompt_tokens: int, new_tokens: int, st
     import openvino as ov
     import openvino_genai
 
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     begin = time.perf_counter()
     session = ChatSession(model, device=device)

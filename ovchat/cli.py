@@ -136,7 +136,7 @@ def open_session(model: Optional[str], device: str, max_context: Optional[int], 
                  gen: dict, *, use_server: bool = False, speculation=None):
     """Validate the options, load the model (or find a server that has it), and say which device
     was chosen."""
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
     from ovchat.options import GenerationOptions
     from ovchat.render import ProgressPrinter
 
@@ -286,8 +286,9 @@ def chat(model, device, max_context, system, prompt_lookup, draft_model, specula
     session = open_session(model, device, max_context, system, gen, use_server=not no_server,
                            speculation=speculation)
     if not session.has_chat_template:
-        raise OvchatError(f"{session.model_path.name} has no chat template (a base model?), so it cannot chat; "
-                          "continue a text instead with: ovchat run --raw TEXT")
+        from ovchat.errors import NoChatTemplateError
+
+        raise NoChatTemplateError(session.model_path.name)
     sys.exit(Repl(session, notice=notice).run())
 
 

@@ -27,6 +27,10 @@ class ModelLoadError(OvchatError):
     """OpenVINO could not read or compile a model that looked complete."""
 
 
+class GenerationError(OvchatError):
+    """A loaded model failed while generating a reply, or the server generating it stopped it."""
+
+
 class DeviceError(OvchatError):
     """A requested device is absent or unusable."""
 
@@ -78,8 +82,18 @@ class RequestError(OvchatError):
         self.code = code
 
 
-class InvalidRequestError(RequestError):
-    """Malformed, out of range, unsupported, or too long for the context window."""
+class InvalidRequestError(RequestError, InputError):
+    """Malformed, out of range, unsupported, or too long for the context window (unusable input,
+    whether it came from a client of the server or a caller of ChatSession)."""
+
+
+class NoChatTemplateError(InvalidRequestError):
+    """The model has no chat template (a base model), so it can continue text but not chat."""
+
+    def __init__(self, model: str):
+        super().__init__(f"{model} has no chat template (a base model?), so it cannot chat; continue a text "
+                         "instead: ovchat run --raw, ChatSession.complete() or /v1/completions",
+                         param="messages", code="no_chat_template")
 
 
 class ServerBusyError(RequestError):

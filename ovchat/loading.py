@@ -34,6 +34,12 @@ class LoadPlan:
         return compile_properties(device or self.device, compile_cache_dir())
 
 
+def check_max_context(max_context: Optional[int]) -> None:
+    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                    or max_context < 1):
+        raise InputError(f"max_context must be a positive number of tokens, not {max_context!r}")
+
+
 def plan(model: Optional[str | Path] = None, *, device: str = "auto", max_context: Optional[int] = None,
          available_devices: Optional[Sequence[str]] = None, progress: ProgressCallback = ignore) -> LoadPlan:
     """Resolve ``model`` (a store name, a known name, a directory, a .gguf; None: the default),
@@ -41,9 +47,7 @@ def plan(model: Optional[str | Path] = None, *, device: str = "auto", max_contex
     the model's own)."""
     from ovchat.store import resolve_model
 
-    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
-                                    or max_context < 1):
-        raise InputError(f"max_context must be a positive number of tokens, not {max_context!r}")
+    check_max_context(max_context)
     path = resolve_model(None if model is None else str(model), progress=progress)
     choice = choose_device(device, available_devices)
     return LoadPlan(model_path=path, device=choice, context_limit=max_context or context_length(path))

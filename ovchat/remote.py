@@ -1,47 +1,157 @@
-"""The client side of the warm path: a conversation's turns sent to a running `ovchat serve`.
+"""The backend on a running `ovchat serve` of the model: the warm path.
 
-``RemoteModel`` posts chat and completion requests to the server's OpenAI API and yields the
-server-sent events of the streamed reply; HTTP refusals come back as ovchat's own errors, so
-``ChatSession`` behaves the same whether its model is loaded in-process or by a server. Only the
-standard library is used: a warm `ovchat run` never imports OpenVINO.
+Turns go to the server's OpenAI API as streamed requests (chat, or completions for a plain
+text) and tokens are counted by its ``/tokenize``, so the session applies the same window policy
+and the same tool plan as with a model loaded here; HTTP refusals come back as ovchat's own
+errors. Only the standard library is used: a warm `ovchat run` never imports OpenVINO.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from http.client import HTTPConnection, HTTPException
-from typing import Any, Dict, Iterator, Optional
-from urllib.parse import urlparse
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from ovchat.errors import ContextOverflowError, InputError, ModelLoadError, OvchatError
-from ovchat.servers import ServerInfo
+from ovchat import discovery
+from ovchat.backend import Outcome, Request
+from ovchat.devices import DeviceChoice
+from ovchat.errors import ContextOverflowError, GenerationError, InputError, OvchatError
+from ovchat.toolcalls import ToolCall, ToolPlan
 
 _TIMEOUT_S = 3600.0  # a long reply of a big model on a small CPU
 
 
-class RemoteModel:
+class RemoteBackend:
     """The model of a running server, reached over HTTP."""
 
-    def __init__(self, info: ServerInfo, api_key: Optional[str] = None):
+    def __init__(self, info: discovery.ServerInfo, health: Dict[str, Any], model_path: Path, api_key: Optional[str]):
         self.info = info
         self.api_key = api_key
-        self._conn: Optional[HTTPConnection] = None
+        self.model_path = model_path
+        self.device = DeviceChoice(info.device, f"the model is loaded already, by ovchat serve at {info.url}", True)
+        self.context_limit = health.get("context_limit")
+        self.has_chat_template = bool(health.get("chat_template", True))
+        self.load_s = 0.0
 
-    def stream(self, path: str, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
-        """POST ``body`` (with ``stream`` true) to ``path`` and yield each event. Closing the
-        iterator closes the connection, which cancels the request on the server."""
+    @classmethod
+    def connect(cls, model_path: Path, device: str) -> Optional["RemoteBackend"]:
+        """The backend on a running server of ``model_path`` (on ``device`` unless auto) that
+        answers and whose key, if it wants one, is in OVCHAT_API_KEY; None if there is none."""
+        found = discovery.find(model_path, device=None if (device or "auto").lower() == "auto" else device)
+        key = os.environ.get("OVCHAT_API_KEY")
+        if found is None or (found.key_required and not key):
+            return None
+        health = discovery.health(found)
+        return None if health is None else cls(found, health, model_path, key)
+
+    # -- counting -----------------------------------------------------------------------------------
+
+    def count(self, messages: List[Dict[str, Any]], plan: ToolPlan, *, add_generation_prompt: bool = True) -> int:
+        return self._tokenize({"messages": messages, "add_generation_prompt": add_generation_prompt,
+                               **plan.as_request()})
+
+    def count_text(self, text: str) -> int:
+        return self._tokenize({"prompt": text, "add_special_tokens": True})
+
+    def _tokenize(self, body: Dict[str, Any]) -> int:
+        status, answer = self._post("/tokenize", {"model": self.info.model_id, **body})
+        if status != 200:
+            raise _error(status, answer)
+        return int(json.loads(answer)["count"])
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def generate(self, request: Request, cancel: threading.Event,
+                 done: Callable[[Outcome], None]) -> Iterator[str]:
+        body: Dict[str, Any] = {"model": self.info.model_id, "max_tokens": request.max_new_tokens,
+                                "stream_options": {"include_usage": True}, **request.options.as_request()}
+        if request.messages is None:
+            path, body["prompt"] = "/v1/completions", request.prompt
+        else:
+            path, body["messages"] = "/v1/chat/completions", request.messages
+            body.update(request.plan.as_request())
+            if request.response_format is not None:
+                body["response_format"] = request.response_format.as_request()
+        parts: List[str] = []
+        calls: List[ToolCall] = []
+        usage: Dict[str, int] = {}
+        finish, ticks = "stop", []
+        start = time.perf_counter()
+        events = self._stream(path, body)
+        try:
+            for event in events:
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {"content": choice.get("text")}
+                    for call in delta.get("tool_calls") or []:
+                        function = call.get("function") or {}
+                        calls.append(ToolCall(function.get("name", ""), json.loads(function.get("arguments") or "{}"),
+                                              call.get("id", "")))
+                    finish = choice.get("finish_reason") or finish
+                    text = delta.get("content")
+                    if text:
+                        ticks.append(time.perf_counter())
+                        parts.append(text)
+                        yield text
+        finally:
+            events.close()
+            if cancel.is_set() and finish != "cancelled":
+                finish = "cancelled"
+            generated = usage.get("completion_tokens", len(ticks))
+            decode_s = ticks[-1] - ticks[0] if len(ticks) > 1 else 0.0
+            done(Outcome("".join(parts), tuple(calls),
+                         finish if finish in ("cancelled", "length") else "stop",
+                         prompt_tokens=usage.get("prompt_tokens", 0), generated_tokens=generated,
+                         ttft_s=(ticks[0] - start) if ticks else 0.0,
+                         decode_tokens_per_s=(generated - 1) / decode_s if decode_s > 0 else 0.0,
+                         generate_s=time.perf_counter() - start))
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+
+    def _connection(self) -> HTTPConnection:
+        from urllib.parse import urlparse
+
         parsed = urlparse(self.info.url)
-        conn = HTTPConnection(parsed.hostname, parsed.port, timeout=_TIMEOUT_S)
+        return HTTPConnection(parsed.hostname, parsed.port, timeout=_TIMEOUT_S)
+
+    def _headers(self) -> Dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _unreachable(self, e: Exception) -> OvchatError:
+        return GenerationError(f"the ovchat server at {self.info.url} did not answer ({e}); run with --no-server "
+                               "to load the model here")
+
+    def _post(self, path: str, body: Dict[str, Any]) -> "tuple[int, bytes]":
+        conn = self._connection()
+        try:
+            conn.request("POST", path, body=json.dumps(body), headers=self._headers())
+            response = conn.getresponse()
+            return response.status, response.read()
+        except (OSError, HTTPException) as e:
+            raise self._unreachable(e) from None
+        finally:
+            conn.close()
+
+    def _stream(self, path: str, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        """POST ``body`` (with ``stream`` true) and yield each event. Closing the iterator closes
+        the connection, which cancels the request on the server."""
+        conn = self._connection()
         try:
             try:
-                conn.request("POST", path, body=json.dumps({**body, "stream": True}), headers=headers)
+                conn.request("POST", path, body=json.dumps({**body, "stream": True}), headers=self._headers())
                 response = conn.getresponse()
             except (OSError, HTTPException) as e:
-                raise ModelLoadError(f"the ovchat server at {self.info.url} did not answer ({e}); run with "
-                                     "--no-server to load the model here") from None
+                raise self._unreachable(e) from None
             if response.status != 200:
                 raise _error(response.status, response.read())
             for raw in response:
@@ -53,7 +163,7 @@ class RemoteModel:
                     return
                 event = json.loads(data)
                 if "error" in event:
-                    raise ModelLoadError(f"the ovchat server stopped the reply: {event['error'].get('message')}")
+                    raise GenerationError(f"the ovchat server stopped the reply: {event['error'].get('message')}")
                 yield event
         finally:
             conn.close()
@@ -69,5 +179,5 @@ def _error(status: int, body: bytes) -> OvchatError:
         return ContextOverflowError(f"{message} (or raise --max-context)")
     if status in (400, 404, 413, 415, 422):
         return InputError(message)
-    return ModelLoadError(f"the ovchat server answered {status}: {message}; run with --no-server to load the "
-                          "model here")
+    return GenerationError(f"the ovchat server answered {status}: {message}; run with --no-server to load the "
+                           "model here")

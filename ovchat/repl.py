@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict, List, Optional, TextIO
 
-from ovchat.engine import ChatSession
+from ovchat.session import ChatSession
 from ovchat.errors import OvchatError
 from ovchat.render import format_metrics
 from ovchat.store import history_file

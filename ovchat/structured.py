@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 from ovchat.errors import InvalidRequestError
-from ovchat.toolcalls import MAX_SCHEMA_BYTES, Tool, call_prefix, forced_output
+from ovchat.toolcalls import MAX_SCHEMA_BYTES, ToolPlan, call_prefix
 
 
 def bad(message: str, param: Optional[str] = None) -> InvalidRequestError:
@@ -27,6 +27,12 @@ class ResponseFormat:
     kind: str
     schema: Optional[Dict[str, Any]] = None
     name: Optional[str] = None
+
+    def as_request(self) -> Dict[str, Any]:
+        """Back in OpenAI's request form (for a turn sent to `ovchat serve`)."""
+        if self.kind == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": self.name or "reply", "schema": self.schema}}
 
 
 def parse_response_format(fmt: Any) -> Optional[ResponseFormat]:
@@ -53,11 +59,11 @@ def parse_response_format(fmt: Any) -> Optional[ResponseFormat]:
     raise bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
-def settings(response_format: Optional[ResponseFormat], tools: Sequence[Tool] = (),
-             tool_choice: str = "none") -> Dict[str, Any]:
-    """The structured-output fields for a request: a forced call, a JSON reply, or nothing."""
-    if tools and tool_choice not in ("auto", "none"):
-        return forced_output(tools, tool_choice)
+def settings(response_format: Optional[ResponseFormat], plan: Optional[ToolPlan] = None) -> Dict[str, Any]:
+    """The structured-output fields (GenerationSettings) of a turn: a forced call, a JSON reply,
+    or nothing."""
+    if plan is not None and plan.forced:
+        return plan.grammar()
     if response_format is not None:
         schema = response_format.schema if response_format.kind == "json_schema" else {"type": "object"}
         return {"json_schema": json.dumps(schema)}

@@ -9,10 +9,12 @@ Models call functions in their own formats; the common ones are parsed here:
 - Mistral:                     ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``
 - Phi-4-mini:                  ``functools[{"name": ..., "arguments": {...}}]`` (or <|tool_call|>...)
 
-With ``tool_choice`` auto the chat template decides how tools are shown and the reply is parsed
-for whichever format it uses (the template's own first). With ``required`` or a named function
-the reply is forced by a grammar instead (``forced_output``), so it is a call
-whose arguments match the function's parameters whatever the model and its template.
+``ToolPlan`` is a turn's tools and choice, and everything that follows from them, for
+ChatSession and the server alike. With ``tool_choice`` auto the chat template decides how tools
+are shown and the reply is parsed for whichever format it uses (the template's own first). With
+``required`` or a named function the reply is forced by a grammar instead (``forced_output``),
+so it is a call whose arguments match the function's parameters whatever the model and its
+template.
 
 ``Splitter`` does the same on a stream: text is passed on as it comes until something that may
 start a call appears; from there on the text is held back and parsed when the reply ends.
@@ -36,7 +38,6 @@ _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def bad(message: str, param: Optional[str] = None) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
-
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,74 @@ def parse_tool_choice(choice: Any, tools: Tuple[Tool, ...]) -> str:
 
 def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """A turn's tools and how they may be used: ``choice`` is auto (the model decides; its reply
+    is parsed for calls in its own format), required or a function's name (a call forced by a
+    grammar), or none."""
+
+    tools: Tuple[Tool, ...] = ()
+    choice: str = "none"
+
+    @classmethod
+    def from_request(cls, tools: Any = None, tool_choice: Any = None) -> "ToolPlan":
+        """OpenAI's ``tools`` (or Tools) and ``tool_choice``, checked. A bare function name is
+        taken as that function, as `ovchat run --tool-choice NAME` gives it."""
+        parsed = tuple(t for t in tools or () if isinstance(t, Tool)) + \
+            parse_tools([t for t in tools or () if not isinstance(t, Tool)] if tools is not None else None)
+        if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
+            tool_choice = {"type": "function", "function": {"name": tool_choice}}
+        return cls(parsed, parse_tool_choice(tool_choice, parsed))
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.tools) and self.choice not in ("auto", "none")
+
+    @property
+    def auto(self) -> bool:
+        """The model may call: its reply is parsed for calls."""
+        return bool(self.tools) and self.choice == "auto"
+
+    def check(self, template: str, model: str) -> None:
+        """Refuse ``auto`` where the chat template would not show the tools to the model."""
+        if self.auto and not template_offers_tools(template):
+            raise InvalidRequestError(
+                f"the chat template of {model} has no place for tools, so the model cannot choose to call one; "
+                "force a call with tool_choice 'required' or a function's name (a grammar makes it)",
+                param="tool_choice", code="tools_not_supported")
+
+    def template_tools(self, template: str) -> Optional[List[Dict[str, Any]]]:
+        """The tools to render through the chat template, or None where none are shown."""
+        if self.tools and self.choice != "none" and template_offers_tools(template):
+            return [t.as_template_dict() for t in self.tools]
+        return None
+
+    def grammar(self) -> Dict[str, Any]:
+        """GenerationSettings fields that force the call (none unless forced)."""
+        return forced_output(self.tools, self.choice) if self.forced else {}
+
+    def splitter(self, template: str) -> Optional["Splitter"]:
+        """Where calls are parsed from a streamed reply, the splitter that holds them back."""
+        return Splitter(self.tools, template) if self.auto else None
+
+    def finish(self, text: str, template: str) -> Tuple[str, List[ToolCall]]:
+        """A whole reply as (its text outside calls, the calls it makes)."""
+        if self.forced:
+            call = forced_call(text, self.tools, self.choice)
+            return ("", [call]) if call is not None else (text, [])
+        if self.auto:
+            return parse(text, self.tools, template)
+        return text, []
+
+    def as_request(self) -> Dict[str, Any]:
+        """The plan as OpenAI request fields (for a turn sent to `ovchat serve`)."""
+        if not self.tools:
+            return {}
+        choice: Any = self.choice if self.choice in ("auto", "none", "required") else \
+            {"type": "function", "function": {"name": self.choice}}
+        return {"tools": [t.as_template_dict() for t in self.tools], "tool_choice": choice}
 
 
 def template_offers_tools(template: str) -> bool:

@@ -107,9 +107,10 @@ def warm_up(pipe: Any, model_path: Path, speculation: Any = None) -> None:
         config = settings.to_genai(pipe.get_config(), speculation)
 
         def generate() -> None:
-            pipe.add_request(0, prompt, config)
+            handle = pipe.add_request(0, prompt, config)  # dropping the handle would drop the request
             while pipe.has_non_finished_requests():
                 pipe.step()
+            handle.cancel()
     else:
         config = settings.to_genai(pipe.get_generation_config(), speculation)
 

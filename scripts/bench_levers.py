@@ -87,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import openvino_genai
 
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
     from ovchat.store import resolve_model
 
     model = resolve_model(args.model)

@@ -36,7 +36,7 @@ def demo_model(ovchat_home) -> Path:
 @pytest.fixture(scope="session")
 def demo_session(demo_model):
     """One loaded ChatSession on the demo model, shared by tests that reset it first."""
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     return ChatSession(demo_model, device="CPU")
 

@@ -82,7 +82,7 @@ class FakeGpuFactory:
 
 @pytest.mark.slow
 def test_auto_falls_back_to_the_cpu_when_the_gpu_cannot_load(demo_model):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     factory, notices = FakeGpuFactory(), []
     session = ChatSession(demo_model, available_devices=["CPU", "GPU"], pipeline_factory=factory,
@@ -96,7 +96,7 @@ def test_auto_falls_back_to_the_cpu_when_the_gpu_cannot_load(demo_model):
 
 @pytest.mark.slow
 def test_a_named_gpu_that_fails_is_an_error_not_a_silent_fallback(demo_model):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     with pytest.raises(ModelLoadError, match=r"on GPU: \[GPU\] clGetPlatformIDs failed"):
         ChatSession(demo_model, device="GPU", available_devices=["CPU", "GPU"],

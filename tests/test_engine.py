@@ -107,7 +107,7 @@ def test_save_and_load_round_trip(session, tmp_path):
 
 
 def test_unknown_model_and_incomplete_directory(tmp_path):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         ChatSession(tmp_path / "nope")

@@ -28,7 +28,7 @@ def ask(server, **fields):
 
 @pytest.fixture(scope="module")
 def plain(demo_model):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     return ChatSession(demo_model, device="CPU").send(EDIT, max_new_tokens=96)
 
@@ -37,7 +37,7 @@ def plain(demo_model):
 @pytest.mark.parametrize("speculation", [Speculation("prompt-lookup"), Speculation("prompt-lookup", 2, 1)],
                          ids=["lookup-default", "lookup-2-from-1grams"])
 def test_prompt_lookup_gives_the_plain_greedy_reply(demo_model, plain, speculation):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     session = ChatSession(demo_model, device="CPU", speculation=speculation)
     assert session.send(EDIT, max_new_tokens=96) == plain
@@ -48,7 +48,7 @@ def test_prompt_lookup_gives_the_plain_greedy_reply(demo_model, plain, speculati
 
 @pytest.mark.slow
 def test_a_draft_model_gives_the_plain_greedy_reply(demo_model, plain):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     # The model as its own draft: every proposal is accepted, and still nothing changes.
     session = ChatSession(demo_model, device="CPU", speculation=Speculation("draft", draft=demo_model))

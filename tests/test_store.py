@@ -155,7 +155,7 @@ def test_a_runtime_only_install_runs_the_demo_gguf_directly(demo_model, tmp_path
     import shutil
 
     from ovchat import store
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     gguf = demo_model.parent.parent / "downloads" / DEMO_MODEL.filename
     monkeypatch.setenv("OVCHAT_HOME", str(tmp_path))

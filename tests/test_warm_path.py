@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from ovchat import servers
+from ovchat import discovery
 from server_helpers import KEY, start_server
 
 QUESTION = "What is the capital of France?"
@@ -55,7 +55,7 @@ def warm(demo_model):
 
 @pytest.mark.slow
 def test_run_uses_a_running_server_of_the_model_and_no_server_opts_out(warm, demo_model):
-    assert servers.find(demo_model) is not None  # the server announced itself under OVCHAT_HOME
+    assert discovery.find(demo_model) is not None  # the server announced itself under OVCHAT_HOME
     before = requests_served(warm)
     done = ovchat("run", "-m", str(demo_model), QUESTION)
     assert done.returncode == 0, done.stderr
@@ -75,7 +75,7 @@ def test_run_uses_a_running_server_of_the_model_and_no_server_opts_out(warm, dem
 
 @pytest.mark.slow
 def test_a_served_chat_keeps_the_conversation_and_reports_errors_as_its_own(warm, demo_model):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
     from ovchat.errors import ContextOverflowError
 
     session = ChatSession(demo_model, use_server=True)
@@ -91,6 +91,44 @@ def test_a_served_chat_keeps_the_conversation_and_reports_errors_as_its_own(warm
 
     local = ChatSession(demo_model, device="CPU")
     assert local.send(QUESTION) == ChatSession(demo_model, use_server=True).send(QUESTION)
+
+
+LIGHTS = {"type": "function", "function": {"name": "set_light", "parameters": {
+    "type": "object", "properties": {"room": {"type": "string", "enum": ["porch", "kitchen"]}, "on": {"type": "boolean"}},
+    "required": ["room", "on"]}}}
+
+
+@pytest.mark.slow
+def test_the_same_tool_choices_give_the_same_turns_locally_and_on_the_warm_path(warm, demo_model):
+    """One tool plan for both backends: each tool_choice a caller can give (a bare function name
+    too, as `ovchat run --tool-choice NAME` passes it) gives the same calls, text or refusal
+    whether the model is loaded here or in the running server."""
+    from ovchat.errors import InputError
+    from ovchat.session import ChatSession
+
+    local = ChatSession(demo_model, device="CPU")
+    remote = ChatSession(demo_model, use_server=True)
+    assert remote.load_s == 0.0 and local.load_s > 0
+    served = requests_served(warm)
+    for choice in ["required", "set_light", {"type": "function", "function": {"name": "set_light"}}, "none", "auto"]:
+        outcomes = []
+        for session in (local, remote):
+            session.reset()
+            try:
+                reply = session.send("Turn on the porch light.", tools=[LIGHTS], tool_choice=choice, max_new_tokens=60)
+            except InputError as e:
+                outcomes.append(("refused", str(e)))
+                continue
+            outcomes.append((str(reply), [(c.name, c.arguments) for c in reply.tool_calls],
+                             session.messages[-1].get("tool_calls", [{}])[0].get("function")))
+        assert outcomes[0] == outcomes[1], (choice, outcomes)
+        if choice == "auto":
+            assert outcomes[0][0] == "refused" and "no place for tools" in outcomes[0][1]
+        elif choice == "none":
+            assert outcomes[0][0] and not outcomes[0][1]
+        else:
+            assert outcomes[0][0] == "" and outcomes[0][1][0][0] == "set_light"
+    assert requests_served(warm) > served  # the remote turns did go through the server
 
 
 @pytest.mark.slow

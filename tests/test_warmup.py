@@ -62,7 +62,7 @@ def test_weight_files_of_an_ir_directory_and_a_gguf(tmp_path):
 @linux
 @pytest.mark.slow
 def test_a_loaded_session_holds_few_weight_pages_and_answers(demo_model):
-    from ovchat.engine import ChatSession
+    from ovchat.session import ChatSession
 
     bin_file = (demo_model / "openvino_model.bin").resolve()
     size_kb = bin_file.stat().st_size // 1024

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ovchat import servers
+from ovchat import discovery
 from ovchat.devices import DeviceChoice
 from ovchat.errors import InputError, ModelLoadError, OvchatError
 from ovchat.speculation import Speculation
@@ -99,11 +99,11 @@ def serve(model_path: Path, device: DeviceChoice, properties: Dict[str, str], op
         cors_origins=list(options.cors_origins), grace_s=GRACE_S, keep_alive_s=options.keep_alive_s)
     # Announced so that `ovchat run` and `ovchat chat` of this model use it (the warm path), and
     # withdrawn when the app stops: uvicorn ends a SIGTERM'd process by re-raising the signal.
-    announced = servers.register(servers.ServerInfo(
+    announced = discovery.register(discovery.ServerInfo(
         url=f"http://{_client_host(bound_host)}:{bound_port}", pid=os.getpid(),
         model_path=str(Path(model_path).resolve()), model_id=name, key_required=bool(options.api_key),
         device=device.name))
-    app = create_app(engine, settings, on_stopped=lambda: servers.unregister(announced))
+    app = create_app(engine, settings, on_stopped=lambda: discovery.unregister(announced))
     # log_config=None: uvicorn's loggers go through the process's logging set-up like ours;
     # its access log is off because app.AccessLog writes one with token counts.
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_S,
@@ -119,7 +119,7 @@ def serve(model_path: Path, device: DeviceChoice, properties: Dict[str, str], op
         with sock:
             server.run(sockets=[sock])
     finally:
-        servers.unregister(announced)
+        discovery.unregister(announced)
     if failure:
         raise ModelLoadError(failure["message"])
 

@@ -32,14 +32,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ovchat import structured
-from ovchat.errors import (APIError, EngineUnavailableError, InvalidRequestError, RequestError, ServerBusyError,
-                           summary)
+from ovchat.errors import (APIError, EngineUnavailableError, InvalidRequestError, NoChatTemplateError, RequestError,
+                           ServerBusyError, summary)
 from ovchat.options import GenerationOptions, GenerationSettings
 from ovchat.server.client import EngineClient
 from ovchat.server.metrics import Metrics
-from ovchat.server.responses import THINK_CLOSE, THINK_OPEN, Choice, Reasoning, Renderer, ToolPlan, usage
-from ovchat.server.schema import GenerationRequest, check_text, parse_chat, parse_completion
-from ovchat.toolcalls import template_offers_tools
+from ovchat.server.responses import THINK_CLOSE, THINK_OPEN, Choice, Reasoning, Renderer, usage
+from ovchat.server.schema import GenerationRequest, check_text, parse_chat, parse_completion, parse_tokenize
+from ovchat.toolcalls import ToolPlan
 
 log = logging.getLogger("ovchat.server")
 access_log = logging.getLogger("ovchat.server.access")
@@ -431,37 +431,35 @@ def create_app(engine: EngineClient, settings: ServerSettings,
                 if seen > _DRAIN_LIMIT:
                     break
 
+    def prompt_ids(parsed: GenerationRequest, plan: ToolPlan) -> tuple:
+        """The prompt's token ids (a chat through the template, with the plan's tools shown), and
+        whether the prompt opened the model's thinking tags (None: it has none)."""
+        tokenizer = engine.tokenizer
+        template = tokenizer.chat_template or ""
+        if parsed.messages is None:
+            return _ids(tokenizer.encode(parsed.prompt, add_special_tokens=True)), None
+        if not template:
+            raise NoChatTemplateError(model_id)
+        plan.check(template, model_id)
+        try:
+            text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=parsed.add_generation_prompt,
+                                                 tools=plan.template_tools(template))
+        except RuntimeError as e:
+            # Templates may refuse some orders of roles (e.g. two user messages in a row).
+            raise InvalidRequestError(f"the model's chat template refused the messages: {summary(e)}",
+                                      param="messages") from None
+        thinking = None
+        if THINK_OPEN in template or THINK_CLOSE in template:  # a reasoning model's template
+            thinking = text.rstrip().endswith(THINK_OPEN)
+        return _ids(tokenizer.encode(text, add_special_tokens=False)), thinking
+
     def prepare(parsed: GenerationRequest) -> _Prepared:
         """Template and tokenize (in a worker thread), fit the window, and say how to generate."""
         _check_speculation(parsed, engine.spec.speculation)
-        tokenizer = engine.tokenizer
-        template = tokenizer.chat_template or ""
-        plan = ToolPlan(parsed.tools, parsed.tool_choice, template)
-        thinking: Optional[bool] = None
-        if parsed.messages is not None:
-            if not template:
-                raise InvalidRequestError(f"the model {model_id} has no chat template; use /v1/completions",
-                                          param="messages", code="no_chat_template")
-            offer = plan.parsed or (plan.forced and template_offers_tools(template))
-            if plan.parsed and not template_offers_tools(template):
-                raise InvalidRequestError(
-                    f"the chat template of {model_id} has no place for tools, so the model cannot choose to call "
-                    "one; ask for a call with tool_choice 'required' or a named function (forced by a grammar)",
-                    param="tool_choice", code="tools_not_supported")
-            try:
-                text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True,
-                                                     tools=[t.as_template_dict() for t in parsed.tools] if offer else None)
-            except RuntimeError as e:
-                # Templates may refuse some orders of roles (e.g. two user messages in a row).
-                raise InvalidRequestError(f"the model's chat template refused the messages: {summary(e)}",
-                                          param="messages") from None
-            if THINK_OPEN in template or THINK_CLOSE in template:  # a reasoning model's template
-                thinking = text.rstrip().endswith(THINK_OPEN)
-            ids = _ids(tokenizer.encode(text, add_special_tokens=False))
-        else:
-            ids = _ids(tokenizer.encode(parsed.prompt, add_special_tokens=True))
+        plan = ToolPlan(parsed.tools, parsed.tool_choice)
+        ids, thinking = prompt_ids(parsed, plan)
         max_new = reply_budget(len(ids), parsed.max_tokens, settings.context_limit, parsed)
-        constraint = structured.settings(parsed.response_format, parsed.tools, parsed.tool_choice)
+        constraint = structured.settings(parsed.response_format, plan)
         return _Prepared(ids, to_settings(parsed.options, max_new, parsed, constraint), plan, thinking)
 
     async def generate(request: Request, parsed: GenerationRequest, kind: str) -> Response:
@@ -481,7 +479,7 @@ def create_app(engine: EngineClient, settings: ServerSettings,
         request.scope[_TOKENS] = (len(prepared.ids), 0)
         slot = await unless_client_leaves(request, admission.acquire())
         renderer = Renderer(kind, model_id, lambda t: engine.tokenizer.decode([t]))
-        choices = [Choice(i, engine.tokenizer.decode, prepared.tools,
+        choices = [Choice(i, engine.tokenizer.decode, prepared.tools, engine.tokenizer.chat_template or "",
                           Reasoning(prepared.thinking) if prepared.thinking is not None else None,
                           [] if parsed.logprobs else None) for i in range(parsed.n)]
         outputs = engine.generate(prepared.ids, prepared.settings)
@@ -517,6 +515,16 @@ def create_app(engine: EngineClient, settings: ServerSettings,
     async def completions(request: Request) -> Response:
         parsed = parse_completion(await read_json(request), model_id)
         return await generate(request, parsed, "text")
+
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: the prompt's token count as a generation would see it (a chat through
+        the template, or a plain text), with the window; ``ovchat run`` on the warm path counts
+        its turns here."""
+        parsed = parse_tokenize(await read_json(request), model_id)
+        await engine.ensure_loaded()
+        engine.require_ready()
+        ids, _ = await asyncio.to_thread(prompt_ids, parsed, ToolPlan(parsed.tools, parsed.tool_choice))
+        return JSONResponse({"count": len(ids), "max_model_len": settings.context_limit, "tokens": ids})
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_card(model_id, created)]})
@@ -604,6 +612,7 @@ def create_app(engine: EngineClient, settings: ServerSettings,
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),

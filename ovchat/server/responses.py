@@ -12,10 +12,9 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
-from ovchat.toolcalls import Tool
-from ovchat.toolcalls import Splitter, ToolCall, forced_call
+from ovchat.toolcalls import Splitter, ToolCall, ToolPlan
 
 # A text piece ending in U+FFFD is a multi-byte character cut between tokens: wait for the rest.
 _PARTIAL_CHARACTER = "\ufffd"
@@ -108,30 +107,13 @@ class Reasoning:
 
 
 @dataclass
-class ToolPlan:
-    """How a request's tools work: ``auto`` (parse the model's own format), a forced choice
-    (``required`` or a function name: the reply is grammar-forced JSON), or none."""
-
-    tools: Sequence[Tool] = ()
-    choice: str = "none"
-    template: str = ""
-
-    @property
-    def forced(self) -> bool:
-        return bool(self.tools) and self.choice not in ("auto", "none")
-
-    @property
-    def parsed(self) -> bool:
-        return bool(self.tools) and self.choice == "auto"
-
-
-@dataclass
 class Choice:
     """One output of a request, from tokens to OpenAI's choice."""
 
     index: int
     decode: Callable[[List[int]], str]
     tools: ToolPlan
+    template: str = ""
     reasoning: Optional[Reasoning] = None
     logprobs: Optional[List[tuple]] = None  # (token id, logprob), when asked for
     finish_reason: Optional[str] = None
@@ -142,8 +124,7 @@ class Choice:
 
     def __post_init__(self) -> None:
         self.text = IncrementalText(self.decode)
-        if self.tools.parsed:
-            self._splitter = Splitter(self.tools.tools, self.tools.template)
+        self._splitter = self.tools.splitter(self.template)
 
     @property
     def tokens(self) -> int:
@@ -182,11 +163,9 @@ class Choice:
                 rest["content"] = self._splitter.feed(rest["content"])
             delta = _merge(delta, {k: v for k, v in rest.items() if v})
         if self.tools.forced:
-            call = forced_call(self._forced_text, self.tools.tools, self.tools.choice)
-            if call is not None:
-                self.calls = [call]
-            else:
-                delta = _merge(delta, {"content": self._forced_text})
+            text, self.calls = self.tools.finish(self._forced_text, self.template)
+            if text:
+                delta = _merge(delta, {"content": text})
         elif self._splitter is not None:
             text, self.calls = self._splitter.finish()
             if text:

@@ -12,7 +12,7 @@ OpenAI-compatible servers do; fields it knows but cannot honour are refused, nev
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ovchat.errors import InvalidRequestError, OptionError
@@ -62,6 +62,7 @@ class GenerationRequest:
     # Speculative decoding per request (OpenVINO Model Server's field names): tokens proposed per
     # step and prompt lookup's n-gram size; only for a server started with a lever.
     speculation: Dict[str, int] = field(default_factory=dict)
+    add_generation_prompt: bool = True  # /tokenize may count a conversation without it
 
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> InvalidRequestError:
@@ -147,6 +148,19 @@ def parse_completion(body: Mapping[str, Any], model_id: str) -> GenerationReques
     fmt = parse_response_format(body.get("response_format"))
     return _common(body, prompt=prompt, logprobs=logprobs is not None and logprobs is not False,
                    response_format=fmt)
+
+
+def parse_tokenize(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
+    """A /tokenize body (vLLM's): a chat (``messages``, ``tools``, ``add_generation_prompt``) or a
+    plain ``prompt`` (with the model's BOS) -> the GenerationRequest whose prompt is counted."""
+    _check_model(body, model_id)
+    if body.get("messages") is None:
+        return parse_completion({"model": model_id, "prompt": body.get("prompt")}, model_id)
+    chat = parse_chat({k: body[k] for k in ("model", "messages", "tools", "tool_choice") if k in body}, model_id)
+    add = body.get("add_generation_prompt", True)
+    if not isinstance(add, bool):
+        raise bad("'add_generation_prompt' must be true or false", "add_generation_prompt")
+    return replace(chat, add_generation_prompt=add)
 
 
 def _check_model(body: Any, model_id: str) -> None:

@@ -1,4 +1,4 @@
-"""Running `ovchat serve` processes on this machine, so that `ovchat run` and `ovchat chat` can use
+"""Finding the `ovchat serve` processes running on this machine, so that `ovchat run` and `ovchat chat` can use
 a model that is already loaded instead of loading it again (the warm path ollama gives its users).
 
 A server registers itself in ``OVCHAT_HOME/servers/PID.json`` once it listens (its URL, the model
