@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ovchat.errors import InputError, ModelLoadError, OvchatError
+from ovchat.machine import peak_resident_bytes
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 log = logging.getLogger(__name__)
@@ -159,21 +159,6 @@ def forced_config(pipe: Any, new_tokens: int) -> Any:
 
 # -- one run (in a fresh process) -------------------------------------------------------------
 
-def _peak_rss_bytes() -> int:
-    """This process's high-water mark of resident memory. On Linux VmHWM, not ru_maxrss: the latter
-    survives exec, so a run started by a big parent (a benchmark script holding models) would
-    report the parent's peak."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
-
-
 def measure_run(model: str, device: str, prompt_tokens: int, new_tokens: int, started: float) -> RunSample:
     """Load, warm up and measure once in this process; ``started`` is the process's spawn time
     (``time.time()`` in the parent just before it started this process)."""
@@ -212,7 +197,7 @@ def measure_run(model: str, device: str, prompt_tokens: int, new_tokens: int, st
         cold_start_s=cold_start_s,
         ttft_s=clock.ticks[0] - clock.begin,
         decode_tokens_per_s=clock.decode_tokens_per_s(),
-        peak_rss_bytes=_peak_rss_bytes(),
+        peak_rss_bytes=peak_resident_bytes(),
         prompt_tokens=len(measured_ids),
         generated_tokens=len(tokens),
     )
@@ -297,16 +282,12 @@ def measure_in_fresh_process(model: str, device: str, prompt_tokens: int, new_to
 
 def versions() -> Dict[str, str]:
     """Versions of the packages and interpreter the numbers depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from ovchat import __version__
+    from ovchat.machine import installed_versions
 
     found = {"ovchat": __version__, "python": sys.version.split()[0]}
-    for name in ("openvino", "openvino-genai", "openvino-tokenizers"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "absent"
+    for name, version in installed_versions(("openvino", "openvino-genai", "openvino-tokenizers")).items():
+        found[name] = version or "absent"
     return found
 
 

@@ -292,6 +292,14 @@ def chat(model, device, max_context, system, prompt_lookup, draft_model, specula
     sys.exit(Repl(session, notice=notice).run())
 
 
+def _with_families(f):
+    """Fill the architectures ovchat converts (its registry) into a command's help."""
+    from ovchat.convert.families import summary
+
+    f.__doc__ = f.__doc__.replace("{families}", summary())
+    return f
+
+
 def recipe_options(f):
     """How to store the weights, shared by `convert` and `pull` (see ovchat.convert.Recipe)."""
     for decorator in reversed([
@@ -348,13 +356,14 @@ def make_recipe(weight_format: str, sym: Optional[bool], group_size: Optional[in
 @click.argument("output")
 @recipe_options
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new model is complete).")
+@_with_families
 def convert(source, output, force, receipt, **recipe):
     """Convert SOURCE into the OpenVINO model directory OUTPUT, without PyTorch.
 
     SOURCE is a Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a
     .gguf file (any type the gguf package reads: F32, F16, BF16, Q4_0...Q8_0, the K-quants, the
     IQ and TQ types, MXFP4), or an OpenVINO IR directory with float weights (compressed only).
-    Architectures: llama, mistral, qwen2, qwen3, phi3 (Phi-3, Phi-4-mini), gemma3, smollm3.
+    Architectures: {families}.
 
     A quantized GGUF keeps its own quantization, value for value; anything else gets the int4
     recipe: symmetric, group size 128, ratio 0.6, with int8 for embeddings, the output layer and

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
+from ovchat.machine import process_alive
+
 HEALTH_TIMEOUT_S = 2.0
 
 
@@ -74,7 +76,7 @@ def find(model_path: Path, *, device: Optional[str] = None) -> Optional[ServerIn
             info = ServerInfo(**json.loads(file.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             continue
-        if not _alive(info.pid):
+        if not process_alive(info.pid):
             unregister(file)
             continue
         if info.model_path != wanted or (device is not None and device.upper() != info.device.upper()):
@@ -97,13 +99,3 @@ def health(info: ServerInfo) -> Optional[dict]:
         return None
     finally:
         conn.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import List, Optional
 
 from ovchat import store
+from ovchat.machine import installed_versions
 from ovchat.units import human_size
 
 RUNTIME = ("openvino", "openvino-genai", "openvino-tokenizers")
@@ -26,13 +26,6 @@ class Check:
     ok: Optional[bool] = True
 
 
-def _version(dist: str) -> Optional[str]:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def release_line(version: str) -> str:
     """'2026.4.1.0' and '2026.4.1' are one release: compare the first three numbers."""
     return ".".join(version.split(".")[:3])
@@ -40,7 +33,7 @@ def release_line(version: str) -> str:
 
 def run_checks() -> List[Check]:
     checks: List[Check] = []
-    versions = {d: _version(d) for d in RUNTIME}
+    versions = installed_versions(RUNTIME)
     missing = [d for d, v in versions.items() if v is None]
     lines = {release_line(v) for v in versions.values() if v}
     detail = ", ".join(f"{d} {v or 'missing'}" for d, v in versions.items())
@@ -50,7 +43,7 @@ def run_checks() -> List[Check]:
         checks.append(Check("runtime", f"{detail}: different releases; reinstall ovchat so they match", False))
     else:
         checks.append(Check("runtime", f"{detail} (one release)"))
-    extras = ", ".join(f"{d} {_version(d) or 'not installed'}" for d in OPTIONAL)
+    extras = ", ".join(f"{d} {v or 'not installed'}" for d, v in installed_versions(OPTIONAL).items())
     checks.append(Check("extras", extras, None))
     try:
         import openvino as ov

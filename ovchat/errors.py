@@ -76,7 +76,7 @@ class RequestError(OvchatError):
     the request field at fault (or None), ``code`` is a short machine-readable reason. The
     server's engine and request schema raise these; only its HTTP layer knows status codes."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
         self.code = code

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ovchat.errors import DamagedModelError, ModelNotFoundError, StorageError
+from ovchat.machine import process_alive
 
 # The files of a model directory, named once for every module that reads or writes them.
 MANIFEST = "ovchat.json"  # what ovchat convert wrote: source, recipe, receipt, file sizes and hashes
@@ -185,24 +186,10 @@ def remove_stale_partials(directory: Path, prefix: str) -> List[Path]:
         if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
             continue
         pid = entry.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    except OSError:
-        return True
-    return True
 
 
 # -- what a model is ----------------------------------------------------------------------------

@@ -297,8 +297,8 @@ def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = 
         try:
             from ovchat.convert import convert
 
-            out = convert(local, partial / "model", recipe=recipe, receipt=receipt, progress=progress)
-            _add_store_fields(out, name, origin)
+            out = convert(local, partial / "model", recipe=recipe, receipt=receipt,
+                          manifest_extra={"store": {"name": name, **origin}}, progress=progress)
             target = models_dir() / name
             install_directory(out, target)
         finally:
@@ -360,13 +360,6 @@ def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
                                  f"({', '.join(CATALOG)})")
     path, revision = hub_download(repo, writable_directory(downloads_dir(), "downloads") / "hub", progress)
     return path, {"source": source, "hub_repo": repo, "revision": revision}
-
-
-def _add_store_fields(model_dir: Path, name: str, origin: dict) -> None:
-    manifest_path = model_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    manifest["store"] = {"name": name, **origin}  # "files" (sizes, sha256) were written by convert()
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 # -- description ------------------------------------------------------------------------------

@@ -16,9 +16,6 @@ from ovchat.errors import InvalidRequestError
 from ovchat.toolcalls import MAX_SCHEMA_BYTES, ToolPlan, call_prefix
 
 
-def bad(message: str, param: Optional[str] = None) -> InvalidRequestError:
-    return InvalidRequestError(message, param=param)
-
 
 @dataclass(frozen=True)
 class ResponseFormat:
@@ -47,16 +44,16 @@ def parse_response_format(fmt: Any) -> Optional[ResponseFormat]:
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise bad("'response_format.json_schema' must be {'name': ..., 'schema': {...}, 'strict': ...}",
+            raise InvalidRequestError("'response_format.json_schema' must be {'name': ..., 'schema': {...}, 'strict': ...}",
                       "response_format.json_schema")
         if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
-            raise bad("'response_format.json_schema.strict' must be true or false", "response_format.json_schema")
+            raise InvalidRequestError("'response_format.json_schema.strict' must be true or false", "response_format.json_schema")
         if len(json.dumps(spec["schema"])) > MAX_SCHEMA_BYTES:
-            raise bad(f"'response_format.json_schema.schema' is larger than {MAX_SCHEMA_BYTES} bytes",
+            raise InvalidRequestError(f"'response_format.json_schema.schema' is larger than {MAX_SCHEMA_BYTES} bytes",
                       "response_format.json_schema")
         name = spec.get("name")
         return ResponseFormat("json_schema", spec["schema"], name if isinstance(name, str) else None)
-    raise bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
+    raise InvalidRequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
 def settings(response_format: Optional[ResponseFormat], plan: Optional[ToolPlan] = None) -> Dict[str, Any]:

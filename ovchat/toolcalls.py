@@ -36,9 +36,6 @@ MAX_SCHEMA_BYTES = 65536  # one function's parameters schema, as JSON
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def bad(message: str, param: Optional[str] = None) -> InvalidRequestError:
-    return InvalidRequestError(message, param=param)
-
 
 @dataclass(frozen=True)
 class Tool:
@@ -71,27 +68,27 @@ def parse_tools(tools: Any) -> Tuple[Tool, ...]:
     if tools is None:
         return ()
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-        raise bad(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
+        raise InvalidRequestError(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
     out: List[Tool] = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         if not isinstance(function, dict):
-            raise bad(f"{where} must be {{'type': 'function', 'function': {{...}}}}", where)
+            raise InvalidRequestError(f"{where} must be {{'type': 'function', 'function': {{...}}}}", where)
         name = function.get("name")
         if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
-            raise bad(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'", f"{where}.function.name")
+            raise InvalidRequestError(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'", f"{where}.function.name")
         if any(t.name == name for t in out):
-            raise bad(f"{where}.function.name {name!r} is given twice", f"{where}.function.name")
+            raise InvalidRequestError(f"{where}.function.name {name!r} is given twice", f"{where}.function.name")
         description = function.get("description", "")
         if not isinstance(description, str) or len(description) > 4096:
-            raise bad(f"{where}.function.description must be text of at most 4096 characters",
+            raise InvalidRequestError(f"{where}.function.description must be text of at most 4096 characters",
                       f"{where}.function.description")
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
-            raise bad(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters")
+            raise InvalidRequestError(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters")
         if len(json.dumps(parameters)) > MAX_SCHEMA_BYTES:
-            raise bad(f"{where}.function.parameters is larger than {MAX_SCHEMA_BYTES} bytes",
+            raise InvalidRequestError(f"{where}.function.parameters is larger than {MAX_SCHEMA_BYTES} bytes",
                       f"{where}.function.parameters")
         out.append(Tool(name, description, parameters))
     return tuple(out)
@@ -103,16 +100,16 @@ def parse_tool_choice(choice: Any, tools: Tuple[Tool, ...]) -> str:
         return "auto" if tools else "none"
     if choice in ("auto", "none", "required"):
         if choice == "required" and not tools:
-            raise bad("'tool_choice' is 'required' but no 'tools' are given", "tool_choice")
+            raise InvalidRequestError("'tool_choice' is 'required' but no 'tools' are given", "tool_choice")
         return choice
     name = None
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
     if not isinstance(name, str):
-        raise bad("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+        raise InvalidRequestError("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
                   "{'name': ...}}", "tool_choice")
     if not any(t.name == name for t in tools):
-        raise bad(f"'tool_choice' names {name!r}, which is not among 'tools'", "tool_choice")
+        raise InvalidRequestError(f"'tool_choice' names {name!r}, which is not among 'tools'", "tool_choice")
     return name
 
 

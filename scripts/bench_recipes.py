@@ -100,7 +100,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     from ovchat.bench import measure_in_fresh_process, versions
     from ovchat.convert import Recipe, convert, read_manifest, receipt
-    from ovchat.convert.checkpoint import open_checkpoint
+    from ovchat.convert.sources import open_checkpoint
     from ovchat.convert.models import build_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="ovchat-recipes-"))

@@ -52,7 +52,7 @@ class _Checkpoint:
 def open_tiny(path: Path):
     """The checkpoint through ovchat's own reader (the Reference reads it through the
     independent adapter above instead)."""
-    from ovchat.convert.checkpoint import open_checkpoint
+    from ovchat.convert.sources import open_checkpoint
 
     return open_checkpoint(path)
 
@@ -331,7 +331,7 @@ def write_hf_checkpoint(directory: Path, config: dict, tensors: Dict[str, np.nda
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}))
     if tokenizer_from is not None:
-        from ovchat.convert.checkpoint import open_checkpoint
+        from ovchat.convert.sources import open_checkpoint
         from ovchat.convert.tokenizer import write_gguf_tokenizer_files
 
         write_gguf_tokenizer_files(open_checkpoint(tokenizer_from), directory)

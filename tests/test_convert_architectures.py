@@ -25,7 +25,7 @@ from convert_helpers import (F32_CPU, Reference, gguf_from_hf, hf_tensors_from_g
 
 ov = pytest.importorskip("openvino")
 
-from ovchat.convert.checkpoint import open_checkpoint  # noqa: E402
+from ovchat.convert.sources import open_checkpoint  # noqa: E402
 from ovchat.convert.models import build_model  # noqa: E402
 
 WINDOW = 6

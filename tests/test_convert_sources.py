@@ -11,7 +11,7 @@ import pytest
 
 from convert_helpers import (demo_gguf, llama_cpp_permute, llama_gguf_from_hf, llama_tensors, write_gguf,  # noqa: F401
                              tiny_llama_config, write_gguf, write_hf_checkpoint)
-from ovchat.convert.checkpoint import open_checkpoint
+from ovchat.convert.sources import open_checkpoint
 from ovchat.convert.gguf import unpermute_rows
 from ovchat.errors import CheckpointError, UnsupportedArchitectureError
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from convert_helpers import demo_gguf, tiny_llama_config, llama_tensors, write_hf_checkpoint  # noqa: F401
-from ovchat.convert.checkpoint import open_checkpoint
+from ovchat.convert.sources import open_checkpoint
 from ovchat.convert.tokenizer import convert_tokenizer
 from ovchat.errors import CheckpointError
 

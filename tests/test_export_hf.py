@@ -20,7 +20,7 @@ def exported(demo_gguf, tmp_path_factory):
 
 
 def test_exported_tensors_and_config_are_the_ggufs(demo_gguf, exported):
-    from ovchat.convert.checkpoint import open_checkpoint
+    from ovchat.convert.sources import open_checkpoint
 
     gguf, hf = open_checkpoint(demo_gguf), open_checkpoint(exported)
     assert hf.kind == "hf" and sorted(hf.names()) == sorted(gguf.names())

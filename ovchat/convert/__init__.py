@@ -1,6 +1,6 @@
 """Checkpoint -> OpenVINO model conversion (torch-free). See the README's Architecture section.
 
-``convert()`` runs the stages in order: open the checkpoint (``checkpoint``, ``hf``, ``gguf``),
+``convert()`` runs the stages in order: open the checkpoint (``sources``: ``hf`` or ``gguf``),
 decide the recipe (a quantized GGUF keeps its own quantization unless a recipe is asked for),
 build the graph (``models``), compress it (``compress``) or keep the GGUF's blocks (``quants``),
 convert the tokenizer (``tokenizer``), measure the accuracy receipt (``receipt``), and write config
@@ -19,12 +19,12 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from ovchat.errors import CheckpointError, ConversionError, OutputExistsError
 from ovchat.interrupts import sigterm_as_interrupt
+from ovchat.machine import installed_versions
 from ovchat.modelfiles import MANIFEST, MODEL_XML, TOKENIZER_FILES, install_directory, sha256, storage_error
 from ovchat.progress import Progress, ProgressCallback, ignore
 
@@ -49,16 +49,19 @@ def __getattr__(name: str):
 
 
 def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = False,
-            receipt: Optional[bool] = None, progress: ProgressCallback = ignore) -> Path:
+            receipt: Optional[bool] = None, manifest_extra: Optional[Dict[str, object]] = None,
+            progress: ProgressCallback = ignore) -> Path:
     """Convert a Hugging Face directory, a .gguf file or a float OpenVINO IR into OUTPUT.
 
     OUTPUT becomes a directory that ``openvino_genai.LLMPipeline`` loads. An existing OUTPUT is
     refused unless ``force``; with ``force`` it is replaced only once the new model is complete.
     ``recipe``: by default a quantized GGUF keeps its quantization and anything else gets the int4
     recipe (see ``Recipe``). ``receipt``: measure the converted model against the float weights
-    (True, False, or None: only where that fits this machine comfortably). Returns OUTPUT's path.
+    (True, False, or None: only where that fits this machine comfortably). ``manifest_extra``:
+    more top-level fields of ``ovchat.json`` (the store records its entry there). Returns
+    OUTPUT's path.
     """
-    from ovchat.convert.checkpoint import open_checkpoint
+    from ovchat.convert.sources import open_checkpoint
     from ovchat.convert.recipe import Recipe
     from ovchat.convert.tokenizer import has_tokenizer
 
@@ -93,7 +96,7 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
             measured = _receipt(checkpoint, work, built, receipt, progress)
             shutil.rmtree(work / _FLOAT_DIR, ignore_errors=True)
             progress(Progress("save", "hashing the source files for the manifest"))
-            _write_manifest(work, checkpoint, recipe, built, measured, hashes, started)
+            _write_manifest(work, checkpoint, recipe, built, measured, hashes, started, manifest_extra or {})
             progress(Progress("save", f"moving the model into {output}"))
             install_directory(work, output)
     except BaseException as e:
@@ -297,18 +300,8 @@ def _hash_files(files: List[Path]) -> Dict[str, str]:
     return {str(f): sha256(f) for f in files}
 
 
-def _versions() -> Dict[str, Optional[str]]:
-    out = {}
-    for dist in ("openvino", "openvino-genai", "openvino-tokenizers", "nncf", "gguf", "ovchat"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def _write_manifest(work: Path, checkpoint, recipe: "Recipe", built: _Built, measured: dict,
-                    hashes: "Future[Dict[str, str]]", started: float) -> None:
+                    hashes: "Future[Dict[str, str]]", started: float, extra: Dict[str, object]) -> None:
     config = checkpoint.config or {}
     outputs = sorted(f for f in work.iterdir() if f.is_file() and f.name != MANIFEST)
     manifest = {
@@ -331,10 +324,12 @@ def _write_manifest(work: Path, checkpoint, recipe: "Recipe", built: _Built, mea
         "kept": built.kept,
         "runtime_options": built.runtime_options,
         "receipt": measured,
-        "versions": _versions(),
+        "versions": installed_versions(("openvino", "openvino-genai", "openvino-tokenizers", "nncf", "gguf",
+                                        "ovchat")),
         # The output's own files, so that damage to the converted model can be detected later.
         "files": {f.name: {"size": f.stat().st_size, "sha256": digest}
                   for f, digest in zip(outputs, _hash_files(outputs).values())},
+        **extra,
     }
     manifest["conversion_seconds"] = round(time.time() - started, 2)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")

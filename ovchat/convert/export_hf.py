@@ -37,7 +37,7 @@ def export_hf(source, output, *, force: bool = False, shard_bytes: int = SHARD_B
     ``output`` and renamed into place only when complete; an existing ``output`` is refused
     unless ``force``.
     """
-    from ovchat.convert.checkpoint import open_checkpoint
+    from ovchat.convert.sources import open_checkpoint
     from ovchat.convert.tokenizer import write_gguf_tokenizer_files
 
     output = Path(output).expanduser().absolute()

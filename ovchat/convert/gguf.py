@@ -28,28 +28,13 @@ import numpy as np
 from ovchat import pages
 from ovchat.gguffile import FormatError, GGUFFile, TensorInfo
 from ovchat.convert.checkpoint import Checkpoint
+from ovchat.convert.families import BY_GGUF, Family, gguf_family
 from ovchat.convert.tensors import QuantizedWeight, Weight
-from ovchat.errors import CheckpointError, UnsupportedArchitectureError
+from ovchat.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-
-
-@dataclass(frozen=True)
-class Family:
-    """What ovchat must know of one GGUF ``general.architecture``.
-
-    ``names``: per-block tensor names that differ from the llama family's mapping;
-    ``permuted``: llama.cpp permuted the Q/K rows (its "normal" RoPE); ``norm_offset``: the norms
-    hold 1 + w (Gemma).
-    """
-
-    architecture: str
-    model_type: str
-    names: Tuple[Tuple[str, str], ...] = ()
-    permuted: bool = False
-    norm_offset: float = 0.0
 
 
 # Per-block GGUF tensor name -> Hugging Face name, as llama.cpp's converter writes the llama family.
@@ -69,21 +54,6 @@ _BLOCK_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
-# Keyed by general.architecture, which llama.cpp names as Hugging Face's model_type for these.
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
-    Family("LlamaForCausalLM", "llama", permuted=True),
-    Family("MistralForCausalLM", "mistral", permuted=True),
-    Family("Qwen2ForCausalLM", "qwen2"),
-    Family("Qwen3ForCausalLM", "qwen3"),
-    # Phi-3 keeps q/k/v fused in attn_qkv and gate/up fused in ffn_up, as its checkpoint does.
-    Family("Phi3ForCausalLM", "phi3", names=(("ffn_up", "mlp.gate_up_proj"),)),
-    Family("SmolLM3ForCausalLM", "smollm3", permuted=True),
-    Family("Gemma3ForCausalLM", "gemma3", norm_offset=1.0, names=(
-        ("post_attention_norm", "post_attention_layernorm"),
-        ("ffn_norm", "pre_feedforward_layernorm"),
-        ("post_ffw_norm", "post_feedforward_layernorm"))),
-)}
-
 # Tensors llama.cpp adds that have no Hugging Face counterpart; their content goes into config.
 _CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -102,7 +72,7 @@ def gguf_to_hf_name(name: str, arch: str) -> Optional[str]:
     m = _BLOCK_RE.match(name)
     if m:
         layer, part, kind = m.groups()
-        hf = dict(_BLOCK_NAMES, **dict(FAMILIES[arch].names)).get(part)
+        hf = dict(_BLOCK_NAMES, **dict(BY_GGUF[arch].gguf_names)).get(part)
         return None if hf is None else f"model.layers.{layer}.{hf}.{kind}"
     stem, _, kind = name.rpartition(".")
     hf = _TOP_NAMES.get(stem)
@@ -149,10 +119,6 @@ class GGUFCheckpoint(Checkpoint):
         self.keep_quantized = keep_quantized
         # What became of each quantized tensor read with keep_quantized: its GGUF type and form.
         self.forms: Dict[str, Tuple[str, str]] = {}
-
-    @property
-    def gguf_architecture(self) -> str:
-        return self.family.model_type
 
     def element_count(self, name: str) -> int:
         """How many values tensor ``name`` holds, without reading it."""
@@ -255,7 +221,7 @@ def gguf_config(path: Path, fields: Callable[[str, object], object], arch: str,
     def key(k, default=None):
         return fields(f"{arch}.{k}", default)
 
-    family = FAMILIES[arch]
+    family = BY_GGUF[arch]
     hidden = key("embedding_length")
     heads = key("attention.head_count")
     layers = key("block_count")
@@ -272,8 +238,8 @@ def gguf_config(path: Path, fields: Callable[[str, object], object], arch: str,
         vocab = int(tensors["model.embed_tokens.weight"].shape[0])
     theta = _f32(key("rope.freq_base", 10000.0))
     config = {
-        "architectures": [family.architecture],
-        "model_type": family.model_type,
+        "architectures": [family.architectures[0]],
+        "model_type": family.model_types[0],
         "hidden_size": int(hidden),
         "intermediate_size": int(key("feed_forward_length", 0)),
         "num_hidden_layers": int(layers),
@@ -373,9 +339,7 @@ def open_gguf(path: Path, *, keep_quantized: bool = False) -> GGUFCheckpoint:
     fields = file.field
 
     arch = fields("general.architecture", None)
-    if arch not in FAMILIES:
-        raise UnsupportedArchitectureError(
-            f"{path} has GGUF architecture {arch!r}; ovchat converts {', '.join(sorted(FAMILIES))}")
+    family = gguf_family(arch, where=str(path))
 
     readable = set(readable_types())
     tensors: Dict[str, _Tensor] = {}
@@ -410,4 +374,4 @@ def open_gguf(path: Path, *, keep_quantized: bool = False) -> GGUFCheckpoint:
                          "eos_token_id": gguf_eos_ids(fields) or config.get("eos_token_id"),
                          "pad_token_id": config.get("pad_token_id")}
     generation_config = {k: v for k, v in generation_config.items() if v not in (None, [])}
-    return GGUFCheckpoint(path, file, FAMILIES[arch], config, generation_config, tensors, keep_quantized)
+    return GGUFCheckpoint(path, file, family, config, generation_config, tensors, keep_quantized)

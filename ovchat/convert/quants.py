@@ -206,11 +206,6 @@ def _lattice(values: np.ndarray, candidates: Tuple[int, ...], group: int) -> Opt
 
 # --- entry point ----------------------------------------------------------------------------------
 
-def exact_types() -> Tuple[str, ...]:
-    """The GGUF types that ``exact_form`` may keep."""
-    return tuple(_UNPACK) + tuple(_LATTICE)
-
-
 def exact_form(raw: np.ndarray, qtype: str, shape: Tuple[int, int]) -> Optional[QuantizedWeight]:
     """The tensor of ``shape`` [rows, cols] (Hugging Face order) stored as ``raw`` GGUF blocks of
     type ``qtype``, as a QuantizedWeight holding the very same values; None if OpenVINO's

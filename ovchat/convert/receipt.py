@@ -23,6 +23,8 @@ from typing import Callable, Dict, Union
 
 import numpy as np
 
+from ovchat.machine import memory_available
+
 log = logging.getLogger(__name__)
 
 TEXT_ID = "ovchat-multilingual-v1"
@@ -70,21 +72,9 @@ class Receipt:
         return asdict(self)
 
 
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo, in bytes (0 where it cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def fits(parameters: int) -> bool:
     """Whether ``auto`` should measure a model of ``parameters`` weights on this machine."""
-    return parameters <= AUTO_MAX_PARAMETERS and parameters * _BYTES_PER_PARAMETER <= available_memory() // 2
+    return parameters <= AUTO_MAX_PARAMETERS and parameters * _BYTES_PER_PARAMETER <= memory_available() // 2
 
 
 def token_ids(tokenizer_dir: Path) -> np.ndarray:

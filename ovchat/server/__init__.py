@@ -3,10 +3,12 @@
     app.py        HTTP: routes, auth, Host check, CORS, admission, SSE, error mapping, /metrics
     schema.py     request bodies -> GenerationRequest (with a bound on everything), or a domain error
     responses.py  OpenAI's response objects from the token stream: text, reasoning, tool calls, logprobs
-    tools.py      tool-call formats (Hermes/Qwen, Llama 3 JSON and pythonic, Mistral, Phi-4-mini)
     client.py     the HTTP process's side of the engine: start, talk, watch, restart; the tokenizer
-    engine.py     the engine process: ContinuousBatchingPipeline, steps, chunked prefill
+    protocol.py   the typed messages between the HTTP process and an engine process
+    engine.py     Engine (ContinuousBatchingPipeline, steps, chunked prefill) and its process's loop
     metrics.py    counters and histograms in Prometheus' text format
+
+Tool-call formats live in ovchat.toolcalls, shared with ChatSession.
 
 ``serve()`` binds the socket itself, so a taken port is an ordinary OvchatError rather than
 uvicorn's exit, starts the engine process, and runs uvicorn until it is stopped (Ctrl-C,

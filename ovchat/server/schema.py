@@ -65,9 +65,6 @@ class GenerationRequest:
     add_generation_prompt: bool = True  # /tokenize may count a conversation without it
 
 
-def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> InvalidRequestError:
-    return InvalidRequestError(message, param=param, code=code)
-
 
 def check_text(value: Any, where: str = "body") -> None:
     """Refuse strings that are not Unicode text: JSON can spell a lone surrogate (\\ud800), which
@@ -79,7 +76,7 @@ def check_text(value: Any, where: str = "body") -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise bad(f"{path} holds a lone UTF-16 surrogate, which is not text", path,
+                raise InvalidRequestError(f"{path} holds a lone UTF-16 surrogate, which is not text", path,
                           "invalid_string") from None
         elif isinstance(item, dict):
             for k, v in item.items():
@@ -94,30 +91,30 @@ def parse_chat(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
     _check_model(body, model_id)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty array of messages", "messages")
+        raise InvalidRequestError("'messages' must be a non-empty array of messages", "messages")
     if len(messages) > LIMITS["messages"]:
-        raise bad(f"'messages' may hold at most {LIMITS['messages']} messages", "messages")
+        raise InvalidRequestError(f"'messages' may hold at most {LIMITS['messages']} messages", "messages")
     parsed = [_message(m, i) for i, m in enumerate(messages)]
     if body.get("functions") or body.get("function_call"):
-        raise bad("'functions' is OpenAI's old form; send 'tools' and 'tool_choice'", "functions",
+        raise InvalidRequestError("'functions' is OpenAI's old form; send 'tools' and 'tool_choice'", "functions",
                   "unsupported_parameter")
     tools = parse_tools(body.get("tools"))
     choice = parse_tool_choice(body.get("tool_choice"), tools)
     if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
-        raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+        raise InvalidRequestError("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
     fmt = parse_response_format(body.get("response_format"))
     if fmt is not None and tools and choice != "none":
-        raise bad("'response_format' and 'tools' cannot be combined; ask for one or the other", "response_format")
+        raise InvalidRequestError("'response_format' and 'tools' cannot be combined; ask for one or the other", "response_format")
     logprobs = _flag(body, "logprobs")
     top = body.get("top_logprobs")
     if top is not None:
         if isinstance(top, bool) or not isinstance(top, int) or top < 0 or top > 20:
-            raise bad("'top_logprobs' must be a whole number from 0 to 20", "top_logprobs")
+            raise InvalidRequestError("'top_logprobs' must be a whole number from 0 to 20", "top_logprobs")
         if top > 0:
-            raise bad("only the chosen token's log-probability is available here: 'top_logprobs' must be 0",
+            raise InvalidRequestError("only the chosen token's log-probability is available here: 'top_logprobs' must be 0",
                       "top_logprobs", "unsupported_parameter")
         if not logprobs:
-            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return _common(body, messages=parsed, tools=tools, tool_choice=choice, response_format=fmt, logprobs=logprobs)
 
 
@@ -128,23 +125,23 @@ def parse_completion(body: Mapping[str, Any], model_id: str) -> GenerationReques
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]  # a batch of one is the same request
     if isinstance(prompt, list):
-        raise bad("'prompt' must be one string; send one request per prompt", "prompt")
+        raise InvalidRequestError("'prompt' must be one string; send one request per prompt", "prompt")
     if not isinstance(prompt, str) or not prompt:
-        raise bad("'prompt' must be a non-empty string", "prompt")
+        raise InvalidRequestError("'prompt' must be a non-empty string", "prompt")
     if body.get("echo"):
-        raise bad("'echo' is not supported by this server", "echo", "unsupported_parameter")
+        raise InvalidRequestError("'echo' is not supported by this server", "echo", "unsupported_parameter")
     if body.get("suffix"):
-        raise bad("'suffix' is not supported by this server", "suffix", "unsupported_parameter")
+        raise InvalidRequestError("'suffix' is not supported by this server", "suffix", "unsupported_parameter")
     logprobs = body.get("logprobs")
     if logprobs is not None and logprobs is not False:
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
-            raise bad("'logprobs' must be a whole number from 0 to 5", "logprobs")
+            raise InvalidRequestError("'logprobs' must be a whole number from 0 to 5", "logprobs")
         if logprobs > 0:
-            raise bad("only the chosen token's log-probability is available here: 'logprobs' must be 0",
+            raise InvalidRequestError("only the chosen token's log-probability is available here: 'logprobs' must be 0",
                       "logprobs", "unsupported_parameter")
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
-        raise bad("'best_of' must equal 'n': this server returns every choice it generates", "best_of")
+        raise InvalidRequestError("'best_of' must equal 'n': this server returns every choice it generates", "best_of")
     fmt = parse_response_format(body.get("response_format"))
     return _common(body, prompt=prompt, logprobs=logprobs is not None and logprobs is not False,
                    response_format=fmt)
@@ -159,18 +156,18 @@ def parse_tokenize(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
     chat = parse_chat({k: body[k] for k in ("model", "messages", "tools", "tool_choice") if k in body}, model_id)
     add = body.get("add_generation_prompt", True)
     if not isinstance(add, bool):
-        raise bad("'add_generation_prompt' must be true or false", "add_generation_prompt")
+        raise InvalidRequestError("'add_generation_prompt' must be true or false", "add_generation_prompt")
     return replace(chat, add_generation_prompt=add)
 
 
 def _check_model(body: Any, model_id: str) -> None:
     if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
+        raise InvalidRequestError("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise bad("'model' must be given as a string (GET /v1/models lists it)", "model")
+        raise InvalidRequestError("'model' must be given as a string (GET /v1/models lists it)", "model")
     if model != model_id:
-        raise bad(f"the model {model!r} does not exist; this server serves {model_id!r}", "model",
+        raise InvalidRequestError(f"the model {model!r} does not exist; this server serves {model_id!r}", "model",
                   "model_not_found")
 
 
@@ -180,22 +177,22 @@ def _text_content(content: Any, where: str) -> str:
         texts = []
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise bad(f"{where}.content[{j}] must be a text part ({{'type': 'text', 'text': ...}})",
+                raise InvalidRequestError(f"{where}.content[{j}] must be a text part ({{'type': 'text', 'text': ...}})",
                           f"{where}.content")
             texts.append(part["text"])
         return "\n".join(texts)
     if not isinstance(content, str):
-        raise bad(f"{where}.content must be a string or an array of text parts", f"{where}.content")
+        raise InvalidRequestError(f"{where}.content must be a string or an array of text parts", f"{where}.content")
     return content
 
 
 def _message(m: Any, i: int) -> Dict[str, Any]:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
-        raise bad(f"{where} must be an object with 'role' and 'content'", where)
+        raise InvalidRequestError(f"{where} must be an object with 'role' and 'content'", where)
     role = m.get("role")
     if role not in _ROLES:
-        raise bad(f"{where}.role must be one of {', '.join(_ROLES)}, not {role!r}", f"{where}.role")
+        raise InvalidRequestError(f"{where}.role must be one of {', '.join(_ROLES)}, not {role!r}", f"{where}.role")
     out: Dict[str, Any] = {"role": _ROLES[role]}
     calls = m.get("tool_calls")
     if role == "assistant" and calls is not None:
@@ -206,7 +203,7 @@ def _message(m: Any, i: int) -> Dict[str, Any]:
     if role == "tool":
         call_id = m.get("tool_call_id")
         if not isinstance(call_id, str) or not call_id or len(call_id) > 256:
-            raise bad(f"{where}.tool_call_id must name the call this message answers", f"{where}.tool_call_id")
+            raise InvalidRequestError(f"{where}.tool_call_id must name the call this message answers", f"{where}.tool_call_id")
         out["tool_call_id"] = call_id
         if isinstance(m.get("name"), str):
             out["name"] = m["name"]
@@ -216,21 +213,21 @@ def _message(m: Any, i: int) -> Dict[str, Any]:
 def _tool_calls(calls: Any, where: str) -> List[Dict[str, Any]]:
     """An assistant message's tool calls, with arguments as objects (what chat templates render)."""
     if not isinstance(calls, list) or len(calls) > LIMITS["tool_calls"]:
-        raise bad(f"{where} must be an array of at most {LIMITS['tool_calls']} tool calls", where)
+        raise InvalidRequestError(f"{where} must be an array of at most {LIMITS['tool_calls']} tool calls", where)
     out = []
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise bad(f"{where}[{j}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
+            raise InvalidRequestError(f"{where}[{j}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
                       f"{where}[{j}]")
         arguments = function.get("arguments", "{}")
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments or "{}")
             except ValueError:
-                raise bad(f"{where}[{j}].function.arguments is not JSON", f"{where}[{j}].function.arguments") from None
+                raise InvalidRequestError(f"{where}[{j}].function.arguments is not JSON", f"{where}[{j}].function.arguments") from None
         if not isinstance(arguments, dict):
-            raise bad(f"{where}[{j}].function.arguments must be a JSON object", f"{where}[{j}].function.arguments")
+            raise InvalidRequestError(f"{where}[{j}].function.arguments must be a JSON object", f"{where}[{j}].function.arguments")
         out.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
                     "function": {"name": function["name"], "arguments": arguments}})
     return out
@@ -241,19 +238,19 @@ def _common(body: Mapping[str, Any], **what: Any) -> GenerationRequest:
     if n is None:
         n = 1
     elif isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= LIMITS["n"]:
-        raise bad(f"'n' must be a whole number from 1 to {LIMITS['n']}", "n")
+        raise InvalidRequestError(f"'n' must be a whole number from 1 to {LIMITS['n']}", "n")
     stream = _flag(body, "stream")
     stream_options = body.get("stream_options")
     include_usage = False
     if stream_options is not None:
         if not stream:
-            raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+            raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
         if not isinstance(stream_options, dict):
-            raise bad("'stream_options' must be an object", "stream_options")
+            raise InvalidRequestError("'stream_options' must be an object", "stream_options")
         include_usage = _flag(stream_options, "include_usage", "stream_options.include_usage")
     options, max_tokens = _options(body)
     if n > 1 and options.temperature == 0:
-        raise bad("'n' above 1 needs sampling: give a 'temperature' above 0 (greedy choices would all be "
+        raise InvalidRequestError("'n' above 1 needs sampling: give a 'temperature' above 0 (greedy choices would all be "
                   "the same)", "n")
     penalties = {}
     for name in _PENALTY_FIELDS:
@@ -262,7 +259,7 @@ def _common(body: Mapping[str, Any], **what: Any) -> GenerationRequest:
             continue
         low, high = _PENALTY_RANGE
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise bad(f"'{name}' must be a number from {low} to {high}, not {value!r}", name)
+            raise InvalidRequestError(f"'{name}' must be a number from {low} to {high}, not {value!r}", name)
         penalties[name] = float(value)
     speculation = {}
     for name, high in _SPECULATION_FIELDS.items():
@@ -270,7 +267,7 @@ def _common(body: Mapping[str, Any], **what: Any) -> GenerationRequest:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise bad(f"'{name}' must be a whole number from 1 to {high}, not {value!r}", name)
+            raise InvalidRequestError(f"'{name}' must be a whole number from 1 to {high}, not {value!r}", name)
         speculation[name] = value
     return GenerationRequest(options=options, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
                              penalties=penalties, n=n, speculation=speculation, **what)
@@ -281,7 +278,7 @@ def _flag(body: Mapping[str, Any], name: str, param: Optional[str] = None) -> bo
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad(f"'{param or name}' must be true or false, not {value!r}", param or name)
+        raise InvalidRequestError(f"'{param or name}' must be true or false, not {value!r}", param or name)
     return value
 
 
@@ -300,7 +297,7 @@ def _options(body: Mapping[str, Any]) -> Tuple[GenerationOptions, Optional[int]]
             options = options.with_changes(**{option: value})
         except OptionError as e:
             # GenerationOptions speaks of its own field names; say the one the client sent.
-            raise bad(str(e).replace(option, f"'{name}'", 1), name) from None
+            raise InvalidRequestError(str(e).replace(option, f"'{name}'", 1), name) from None
     return options, (options.max_new_tokens if max_field else None)
 
 
@@ -308,8 +305,8 @@ def _stop(value: Any) -> Tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise bad("'stop' must be a string or an array of strings", "stop")
+        raise InvalidRequestError("'stop' must be a string or an array of strings", "stop")
     if len(value) > LIMITS["stop"] or any(len(s) > LIMITS["stop_length"] for s in value):
-        raise bad(f"'stop' may hold at most {LIMITS['stop']} strings of at most {LIMITS['stop_length']} "
+        raise InvalidRequestError(f"'stop' may hold at most {LIMITS['stop']} strings of at most {LIMITS['stop_length']} "
                   "characters", "stop")
     return tuple(value)
