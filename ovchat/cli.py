@@ -512,87 +512,101 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
 
 
 @main.command()
-@click.option("-m", "--model", envvar="OVCHAT_MODEL", default=None, show_envvar=True,
-              help="A store name, a known name (pulled on first use), a model directory or a .gguf file "
-                   "(default: see `ovchat default`).")
+@click.option("-m", "--model", "models", multiple=True, metavar="MODEL",
+              help="Load this model at start and keep it (repeatable): a store name, a known name (pulled on "
+                   "first use), a model directory or a .gguf file. Without -m nothing loads until asked for.")
 @click.option("--device", envvar="OVCHAT_DEVICE", default="auto", show_default=True, show_envvar=True,
               help="auto (GPU if OpenVINO reports one, else CPU), CPU, GPU, GPU.N or NPU.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None, metavar="TOKENS",
-              help="Window a prompt and its reply must fit in (default: the model's own); a longer prompt "
+              help="Window a prompt and its reply must fit in (default: each model's own); a longer prompt "
                    "gets 400 context_length_exceeded.")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; anything but loopback exposes the model to the network.")
+              help="Address to listen on; anything but loopback exposes the models to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="TCP port (0: any free port, logged at start).")
 @click.option("--api-key", envvar="OVCHAT_API_KEY", show_envvar=True, default=None,
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Prefer the "
                    "environment variable: a command line is visible to other users.")
+@click.option("--max-memory", default="75%", show_default=True, metavar="SIZE", envvar="OVCHAT_MAX_MEMORY",
+              show_envvar=True,
+              help="Memory every loaded model may take together (4GB, 512MB, or a share of the machine's: 50%); "
+                   "the least recently used idle model is unloaded to make room.")
+@click.option("--max-loaded", type=click.IntRange(min=1), default=3, show_default=True, envvar="OVCHAT_MAX_LOADED",
+              show_envvar=True, help="Models loaded at once.")
+@click.option("--keep-alive", default="5m", show_default=True, metavar="DURATION", envvar="OVCHAT_KEEP_ALIVE",
+              show_envvar=True,
+              help="Unload a model after it was idle this long (30s, 5m, 1h; 0: at once; -1: never); models "
+                   "given with -m stay unless this is given. A request's own keep_alive (ollama's field) "
+                   "overrides it for its model.")
 @click.option("--max-concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
-              help="Requests generated at once (batched together).")
+              help="Requests of one model generated at once (batched together).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=None,
-              help="Requests that may wait for a slot before new ones get 429.  [default: 4 x max-concurrency]")
-@click.option("--kv-cache-gb", type=click.IntRange(min=1), default=2, show_default=True,
-              help="KV-cache pool shared by the running requests, in GB.")
-@click.option("--prefill-chunk", type=click.IntRange(min=16), default=256, show_default=True, metavar="TOKENS",
+              help="Requests of one model that may wait for a slot before new ones get 429.  "
+                   "[default: 4 x max-concurrency]")
+@click.option("--kv-cache-gb", type=click.IntRange(min=0), default=0, show_default=True,
+              help="KV cache of each model, in GB; 0: it grows with the requests and contexts in use.")
+@click.option("--prefill-chunk", type=click.IntRange(min=16), default=64, show_default=True, metavar="TOKENS",
               help="Prompt tokens prefilled per step: a long prompt goes in chunks, so other streams keep flowing.")
+@click.option("--nice", "niceness", type=click.IntRange(0, 19), default=0, show_default=True,
+              help="Lower the engines' CPU priority by this much (for a box whose other work comes first).")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests for this Host name (repeatable). A server on a loopback address "
                    "answers loopback names only, so web pages cannot reach it through DNS rebinding.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from this origin call the API (repeatable; '*' for any). Off by default.")
-@click.option("--keep-alive", default="-1", show_default=True, metavar="DURATION", envvar="OVCHAT_KEEP_ALIVE",
-              show_envvar=True,
-              help="Unload the model after this long without a request (30s, 5m, 1h; -1: never); the next "
-                   "request loads it again.")
 @speculation_options
-def serve(model, device, max_context, host, port, api_key, max_concurrency, max_queue, kv_cache_gb, prefill_chunk,
-          allow_hosts, cors_origins, keep_alive, prompt_lookup, draft_model, speculate_tokens, lookup_ngram):
-    """Serve the model over HTTP with an OpenAI-compatible API.
+def serve(models, device, max_context, host, port, api_key, max_memory, max_loaded, keep_alive, max_concurrency,
+          max_queue, kv_cache_gb, prefill_chunk, niceness, allow_hosts, cors_origins, prompt_lookup, draft_model,
+          speculate_tokens, lookup_ngram):
+    """Serve the store's models over HTTP, with the OpenAI and the ollama APIs.
 
-    Endpoints: POST /v1/chat/completions (tools, JSON output, logprobs, n), POST /v1/completions,
-    GET /v1/models, GET /health (503 until the model is loaded), GET /metrics (Prometheus).
-    Concurrent requests share one continuous-batching scheduler in an engine process of its own.
-    One log line per request goes to stderr. Needs the serve extra.
+    A request's "model" names any model in the store (or one given with -m); it is loaded on
+    first use, in an engine process of its own, and unloaded when idle for --keep-alive or to make
+    room within --max-memory. OpenAI: POST /v1/chat/completions (tools, JSON output, logprobs, n),
+    /v1/completions, GET /v1/models. ollama: /api/chat, /api/generate, /api/tags, /api/show,
+    /api/ps, /api/pull, /api/version. GET /health, GET /metrics (Prometheus). One log line per
+    request goes to stderr. Needs the serve extra.
     """
     import logging
 
-    from ovchat.loading import plan
+    from ovchat.devices import choose_device, compile_properties
+    from ovchat.machine import memory_total
     from ovchat.render import ProgressPrinter
     from ovchat.server import ServeOptions, serve as run_server
+    from ovchat.store import compile_cache_dir, resolve_model
+    from ovchat.units import parse_duration, parse_size
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    loaded = plan(model, device=device, max_context=max_context, progress=ProgressPrinter())
-    if loaded.device.automatic:
-        notice(f"using {loaded.device.name} ({loaded.device.reason})")
+    keep_alive_s = _option(parse_duration, keep_alive, "--keep-alive")
+    source = click.get_current_context().get_parameter_source("keep_alive")
+    keep_pinned = source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    budget = _option(lambda v: parse_size(v, total=memory_total() or None), max_memory, "--max-memory")
+    paths = [resolve_model(m, progress=ProgressPrinter()) for m in models]
+    chosen = choose_device(device)
+    if chosen.automatic:
+        notice(f"using {chosen.name} ({chosen.reason})")
     options = ServeOptions(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                            max_queue=max_queue, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk,
-                           context_limit=loaded.context_limit, allow_hosts=list(allow_hosts),
-                           cors_origins=list(cors_origins), keep_alive_s=parse_duration(keep_alive),
+                           context_limit=max_context, allow_hosts=list(allow_hosts), cors_origins=list(cors_origins),
+                           keep_alive_s=keep_alive_s, pinned_keep_alive_s=keep_alive_s if keep_pinned else None,
+                           max_memory=budget, max_loaded=max_loaded, niceness=niceness,
                            speculation=make_speculation(prompt_lookup, draft_model, speculate_tokens, lookup_ngram))
     try:
-        run_server(loaded.model_path, loaded.device, loaded.properties(), options)
+        run_server(paths, chosen, compile_properties(chosen, compile_cache_dir()), options)
     except KeyboardInterrupt:
         # uvicorn has shut down cleanly and re-raised the signal that stopped it.
         notice("stopped")
         sys.exit(130)
 
 
-def parse_duration(text: str) -> Optional[float]:
-    """Seconds in "90", "30s", "5m", "1h" or "1h30m"; None for a negative number (never)."""
-    import re
+def _option(parse, value, name: str):
+    """An option's value parsed by the library, its OptionError as click's usage error."""
+    from ovchat.errors import OptionError
 
-    value = text.strip().lower()
-    if re.fullmatch(r"-\d+(\.\d+)?", value):
-        return None
-    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", value)
-    if not value or match is None:
-        raise click.BadParameter(f"{text!r} is not a duration; use e.g. 30s, 5m, 1h, or -1 for never",
-                                 param_hint="--keep-alive")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    total = hours * 3600 + minutes * 60 + seconds
-    if total <= 0:
-        raise click.BadParameter("must be more than 0 (or -1 for never)", param_hint="--keep-alive")
-    return total
+    try:
+        return parse(value)
+    except OptionError as e:
+        raise click.BadParameter(str(e), param_hint=name) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,11 +1,12 @@
 """Finding the `ovchat serve` processes running on this machine, so that `ovchat run` and `ovchat chat` can use
 a model that is already loaded instead of loading it again (the warm path ollama gives its users).
 
-A server registers itself in ``OVCHAT_HOME/servers/PID.json`` once it listens (its URL, the model
-it serves, whether it wants a key) and removes the file when it stops. ``find`` returns a live
-server of a given model: the file's process still runs and its /health answers. A file left by a
-killed server is removed by the next ``find``. Only the standard library is used here, so the
-warm path never imports OpenVINO.
+A server registers itself in ``OVCHAT_HOME/servers/PID.json`` once it listens (its URL, the
+models it was started with, the store it serves, whether it wants a key) and removes the file
+when it stops. ``find`` returns a live server that serves a given model (one it was started with,
+or any entry of its store) and the name it knows the model by: the file's process still runs and
+its /health answers. A file left by a killed server is removed by the next ``find``. Only the
+standard library is used here, so the warm path never imports OpenVINO.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 from ovchat.machine import process_alive
@@ -28,10 +29,19 @@ HEALTH_TIMEOUT_S = 2.0
 class ServerInfo:
     url: str
     pid: int
-    model_path: str
-    model_id: str
+    models: Dict[str, str]  # resolved path -> name, of the models it was started with (-m)
+    store: Optional[str]  # the resolved store directory whose entries it serves by name
     key_required: bool
     device: str
+
+    def name_of(self, model_path: Path) -> Optional[str]:
+        """The name this server knows ``model_path`` by, or None if it does not serve it."""
+        wanted = Path(model_path).resolve()
+        if str(wanted) in self.models:
+            return self.models[str(wanted)]
+        if self.store is not None and wanted.parent == Path(self.store) and wanted.is_dir():
+            return wanted.name
+        return None
 
 
 def _directory() -> Path:
@@ -64,13 +74,13 @@ def unregister(path: Optional[Path]) -> None:
             pass
 
 
-def find(model_path: Path, *, device: Optional[str] = None) -> Optional[ServerInfo]:
-    """A running server of ``model_path`` (on ``device``, if given) that answers /health, or None."""
+def find(model_path: Path, *, device: Optional[str] = None) -> Optional[Tuple[ServerInfo, str]]:
+    """A running server that serves ``model_path`` (on ``device``, if given) and answers
+    /health, with the model's name there; or None."""
     try:
         files = sorted(_directory().glob("*.json"))
     except OSError:
         return None
-    wanted = str(Path(model_path).resolve())
     for file in files:
         try:
             info = ServerInfo(**json.loads(file.read_text(encoding="utf-8")))
@@ -79,19 +89,32 @@ def find(model_path: Path, *, device: Optional[str] = None) -> Optional[ServerIn
         if not process_alive(info.pid):
             unregister(file)
             continue
-        if info.model_path != wanted or (device is not None and device.upper() != info.device.upper()):
+        name = info.name_of(model_path)
+        if name is None or (device is not None and device.upper() != info.device.upper()):
             continue
         if health(info) is not None:
-            return info
+            return info, name
     return None
 
 
 def health(info: ServerInfo) -> Optional[dict]:
     """The server's /health answer if it is 200, else None."""
+    return _get(info, "/health")
+
+
+def model_card(info: ServerInfo, name: str, api_key: Optional[str] = None) -> Optional[dict]:
+    """The server's /v1/models/NAME card (with its window and whether it has a chat template),
+    or None."""
+    from urllib.parse import quote
+
+    return _get(info, f"/v1/models/{quote(name, safe='')}", api_key)
+
+
+def _get(info: ServerInfo, path: str, api_key: Optional[str] = None) -> Optional[dict]:
     parsed = urlparse(info.url)
     conn = HTTPConnection(parsed.hostname, parsed.port, timeout=HEALTH_TIMEOUT_S)
     try:
-        conn.request("GET", "/health")
+        conn.request("GET", path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
         response = conn.getresponse()
         body = response.read()
         return json.loads(body) if response.status == 200 else None

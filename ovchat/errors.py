@@ -104,6 +104,11 @@ class EngineUnavailableError(RequestError):
     """The model is loading, restarting after a crash, or the server is shutting down."""
 
 
+class InsufficientMemoryError(RequestError):
+    """A model cannot be loaded within the server's memory budget, even with every other model
+    unloaded."""
+
+
 class APIError(OvchatError):
     """An HTTP answer of `ovchat serve` other than a success, in OpenAI's error terms (the HTTP
     layer turns RequestErrors into these).

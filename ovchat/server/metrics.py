@@ -1,7 +1,10 @@
 """The server's metrics, served at /metrics in Prometheus' text format (no client library needed).
 
 Counters and histograms live in the HTTP process and are updated by the routes; the gauges are
-read when scraped (queue and slots from admission, KV-cache use from the engine's last report).
+read when scraped, per loaded model (queue and slots from its admission, KV-cache use from its
+engine's last report). Every label has a bounded set of values: requests are counted by route
+(``/v1/models/{model}``, not the path sent) and an unknown path is ``other``, so no client can
+grow the series without bound.
 """
 
 from __future__ import annotations
@@ -36,9 +39,8 @@ class Histogram:
 class Metrics:
     """Counters and histograms of the requests served, and gauges read on demand."""
 
-    def __init__(self, model: str, gauges: Callable[[], Dict[str, float]]):
-        self.model = model
-        self._gauges = gauges
+    def __init__(self, gauges: Callable[[], Dict[str, Dict[str, float]]]):
+        self._gauges = gauges  # per model: gauge name -> value
         self._lock = threading.Lock()
         self.requests: Dict[Tuple[str, str], int] = defaultdict(int)  # (endpoint, status) -> count
         self.prompt_tokens = 0
@@ -66,7 +68,6 @@ class Metrics:
 
     def render(self) -> str:
         """The exposition text (format 0.0.4)."""
-        label = f'model="{_escape(self.model)}"'
         lines: List[str] = []
 
         def metric(name: str, kind: str, text: str, samples: Iterable[Tuple[str, float]]) -> None:
@@ -75,33 +76,35 @@ class Metrics:
             lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
 
         with self._lock:
-            metric("ovchat_requests_total", "counter", "Requests answered, by endpoint and HTTP status.",
-                   [(f'{{{label},endpoint="{_escape(e)}",status="{s}"}}', n)
-                    for (e, s), n in sorted(self.requests.items())])
+            metric("ovchat_requests_total", "counter", "Requests answered, by route and HTTP status.",
+                   [(f'{{endpoint="{_escape(e)}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())])
             metric("ovchat_prompt_tokens_total", "counter", "Prompt tokens of the requests answered.",
-                   [(f"{{{label}}}", self.prompt_tokens)])
-            metric("ovchat_generation_tokens_total", "counter", "Tokens generated.",
-                   [(f"{{{label}}}", self.completion_tokens)])
+                   [("", self.prompt_tokens)])
+            metric("ovchat_generation_tokens_total", "counter", "Tokens generated.", [("", self.completion_tokens)])
             for name, histogram, text in (
                     ("ovchat_time_to_first_token_seconds", self.ttft, "From a request's arrival to its first token."),
                     ("ovchat_time_per_output_token_seconds", self.tpot, "Seconds per token after the first."),
                     ("ovchat_request_duration_seconds", self.e2e, "From a request's arrival to its last byte.")):
                 samples = []
                 for bound, count in zip(histogram.buckets, histogram.counts):
-                    samples.append((f'_bucket{{{label},le="{_number(bound)}"}}', count))
-                samples.append((f'_bucket{{{label},le="+Inf"}}', histogram.count))
+                    samples.append((f'_bucket{{le="{_number(bound)}"}}', count))
+                samples.append(('_bucket{le="+Inf"}', histogram.count))
                 lines.append(f"# HELP {name} {text}")
                 lines.append(f"# TYPE {name} histogram")
                 lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
-                lines.append(f"{name}_sum{{{label}}} {_number(histogram.sum)}")
-                lines.append(f"{name}_count{{{label}}} {histogram.count}")
-        gauges = self._gauges()
+                lines.append(f"{name}_sum {_number(histogram.sum)}")
+                lines.append(f"{name}_count {histogram.count}")
+        per_model = self._gauges()
+        metric("ovchat_models_loaded", "gauge", "Models loaded now.", [("", len(per_model))])
         for name, text in (("ovchat_requests_running", "Requests generating now."),
                            ("ovchat_requests_waiting", "Requests waiting for a slot."),
-                           ("ovchat_kv_cache_usage_ratio", "Share of the KV-cache pool in use (0 to 1)."),
+                           ("ovchat_kv_cache_usage_ratio", "Share of the model's KV cache in use (0 to 1)."),
+                           ("ovchat_kv_cache_bytes", "Bytes the model's KV cache holds."),
+                           ("ovchat_model_memory_bytes", "Memory the model's engine process holds."),
                            ("ovchat_engine_restarts_total", "Times the model engine was restarted after a failure.")):
             kind = "counter" if name.endswith("_total") else "gauge"
-            metric(name, kind, text, [(f"{{{label}}}", gauges.get(name, 0.0))])
+            samples = [(f'{{model="{_escape(m)}"}}', gauges.get(name, 0.0)) for m, gauges in sorted(per_model.items())]
+            metric(name, kind, text, samples or [("", 0.0)])
         return "\n".join(lines) + "\n"
 
 

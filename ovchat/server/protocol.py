@@ -86,6 +86,7 @@ class Stats:
     requests: int = 0           # requests the pipeline holds
     kv_cache_usage: float = 0.0  # share of the KV cache in use, 0..1
     active: int = 0             # requests the engine is tracking
+    kv_cache_bytes: int = 0     # what the KV cache holds now (it grows with the work)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class GenerationRequest:
 
     options: GenerationOptions
     max_tokens: Optional[int]  # None: as many as the context window leaves
+    model: str = ""
     stream: bool = False
     include_usage: bool = False
     messages: Optional[List[Dict[str, Any]]] = None
@@ -63,10 +64,13 @@ class GenerationRequest:
     # step and prompt lookup's n-gram size; only for a server started with a lever.
     speculation: Dict[str, int] = field(default_factory=dict)
     add_generation_prompt: bool = True  # /tokenize may count a conversation without it
+    think: Optional[bool] = None  # ollama's think: the template's enable_thinking, where it has one
+    context_limit: Optional[int] = None  # ollama's num_ctx: a smaller window for this request
+    extra_settings: Dict[str, Any] = field(default_factory=dict)  # more GenerationSettings fields (min_p)
 
 
 
-def check_text(value: Any, where: str = "body") -> None:
+def check_strings(value: Any, where: str = "body") -> None:
     """Refuse strings that are not Unicode text: JSON can spell a lone surrogate (\\ud800), which
     no tokenizer can encode. Walks the whole parsed body (bounded by its 1 MiB)."""
     stack = [(value, where)]
@@ -86,9 +90,9 @@ def check_text(value: Any, where: str = "body") -> None:
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
 
 
-def parse_chat(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
+def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
     """A /v1/chat/completions body -> GenerationRequest."""
-    _check_model(body, model_id)
+    model = _model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("'messages' must be a non-empty array of messages", "messages")
@@ -115,12 +119,13 @@ def parse_chat(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
                       "top_logprobs", "unsupported_parameter")
         if not logprobs:
             raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    return _common(body, messages=parsed, tools=tools, tool_choice=choice, response_format=fmt, logprobs=logprobs)
+    return _common(body, model=model, messages=parsed, tools=tools, tool_choice=choice, response_format=fmt,
+                   logprobs=logprobs)
 
 
-def parse_completion(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
+def parse_completion(body: Mapping[str, Any]) -> GenerationRequest:
     """A /v1/completions body -> GenerationRequest."""
-    _check_model(body, model_id)
+    model = _model(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]  # a batch of one is the same request
@@ -143,32 +148,32 @@ def parse_completion(body: Mapping[str, Any], model_id: str) -> GenerationReques
     if best_of is not None and best_of != body.get("n", 1):
         raise InvalidRequestError("'best_of' must equal 'n': this server returns every choice it generates", "best_of")
     fmt = parse_response_format(body.get("response_format"))
-    return _common(body, prompt=prompt, logprobs=logprobs is not None and logprobs is not False,
+    return _common(body, model=model, prompt=prompt, logprobs=logprobs is not None and logprobs is not False,
                    response_format=fmt)
 
 
-def parse_tokenize(body: Mapping[str, Any], model_id: str) -> GenerationRequest:
+def parse_tokenize(body: Mapping[str, Any]) -> GenerationRequest:
     """A /tokenize body (vLLM's): a chat (``messages``, ``tools``, ``add_generation_prompt``) or a
     plain ``prompt`` (with the model's BOS) -> the GenerationRequest whose prompt is counted."""
-    _check_model(body, model_id)
+    model = _model(body)
     if body.get("messages") is None:
-        return parse_completion({"model": model_id, "prompt": body.get("prompt")}, model_id)
-    chat = parse_chat({k: body[k] for k in ("model", "messages", "tools", "tool_choice") if k in body}, model_id)
+        return parse_completion({"model": model, "prompt": body.get("prompt")})
+    chat = parse_chat({k: body[k] for k in ("model", "messages", "tools", "tool_choice") if k in body})
     add = body.get("add_generation_prompt", True)
     if not isinstance(add, bool):
         raise InvalidRequestError("'add_generation_prompt' must be true or false", "add_generation_prompt")
     return replace(chat, add_generation_prompt=add)
 
 
-def _check_model(body: Any, model_id: str) -> None:
+def _model(body: Any) -> str:
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise InvalidRequestError("'model' must be given as a string (GET /v1/models lists it)", "model")
-    if model != model_id:
-        raise InvalidRequestError(f"the model {model!r} does not exist; this server serves {model_id!r}", "model",
-                  "model_not_found")
+        raise InvalidRequestError("'model' must be given as a string (GET /v1/models lists them)", "model")
+    if len(model) > 256:
+        raise InvalidRequestError("'model' is longer than any model's name", "model", "model_not_found")
+    return model
 
 
 def _text_content(content: Any, where: str) -> str:
