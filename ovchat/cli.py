@@ -423,6 +423,79 @@ def list_models():
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
 
 
+@main.command(name="ps")
+def running_models():
+    """List the models loaded by the `ovchat serve`s running on this machine.
+
+    Shows each model's memory, device, when it unloads (its keep-alive counted from when it went
+    idle) and the requests it is serving. A server that requires a key is asked with OVCHAT_API_KEY.
+    """
+    import os
+    import time
+
+    from ovchat import discovery
+    from ovchat.units import human_size
+
+    found = discovery.servers()
+    if not found:
+        raise OvchatError("no ovchat serve runs on this machine; start one with `ovchat serve`")
+    rows = [("NAME", "SIZE", "DEVICE", "UNTIL", "REQUESTS", "SERVER")]
+    for info in found:
+        models = discovery.loaded_models(info, os.environ.get("OVCHAT_API_KEY"))
+        if models is None:
+            notice(f"the server at {info.url} did not answer" + (" (it wants OVCHAT_API_KEY)" if info.key_required
+                                                                 else ""))
+            continue
+        for m in models:
+            extra = m.get("ovchat") or {}
+            until = _until(m.get("expires_at"), time.time())
+            rows.append((m["name"].removesuffix(":latest"), human_size(m.get("size") or 0), extra.get("device") or "?",
+                         until if extra.get("state") == "ready" else extra.get("state", "?"),
+                         str(extra.get("requests", 0)), info.url))
+    if len(rows) == 1:
+        notice("no model is loaded")
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+
+
+def _until(expires_at: Optional[str], now: float) -> str:
+    """'in 4 minutes', 'forever' or 'now', from an ISO time of ollama's /api/ps."""
+    from datetime import datetime
+
+    if not expires_at:
+        return "busy"
+    left = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp() - now
+    if left > 100 * 365 * 86400:
+        return "forever"
+    if left < 1:
+        return "now"
+    return f"in {left / 60:.0f} minutes" if left >= 90 else f"in {left:.0f} seconds"
+
+
+@main.command()
+@click.argument("model")
+def stop(model):
+    """Unload MODEL from every `ovchat serve` on this machine that has it loaded (its memory is
+    given back at once; the next request for it loads it again)."""
+    import os
+
+    from ovchat import discovery
+
+    key = os.environ.get("OVCHAT_API_KEY")
+    stopped = 0
+    for info in discovery.servers():
+        names = {m["name"].removesuffix(":latest") for m in discovery.loaded_models(info, key) or []}
+        if model.removesuffix(":latest") in names:
+            if not discovery.unload(info, model, key):
+                raise OvchatError(f"the server at {info.url} refused to unload {model}")
+            stopped += 1
+    if not stopped:
+        raise OvchatError(f"{model} is not loaded by any ovchat serve on this machine (`ovchat ps` lists what is)")
+    notice(f"unloaded {model}")
+
+
 @main.command(name="rm")
 @click.argument("names", nargs=-1, required=True)
 def remove(names):

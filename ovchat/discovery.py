@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from ovchat.machine import process_alive
@@ -74,13 +74,14 @@ def unregister(path: Optional[Path]) -> None:
             pass
 
 
-def find(model_path: Path, *, device: Optional[str] = None) -> Optional[Tuple[ServerInfo, str]]:
-    """A running server that serves ``model_path`` (on ``device``, if given) and answers
-    /health, with the model's name there; or None."""
+def servers() -> List[ServerInfo]:
+    """The servers announced on this machine whose process still runs (a killed server's
+    announcement is removed on the way)."""
     try:
         files = sorted(_directory().glob("*.json"))
     except OSError:
-        return None
+        return []
+    found = []
     for file in files:
         try:
             info = ServerInfo(**json.loads(file.read_text(encoding="utf-8")))
@@ -89,6 +90,14 @@ def find(model_path: Path, *, device: Optional[str] = None) -> Optional[Tuple[Se
         if not process_alive(info.pid):
             unregister(file)
             continue
+        found.append(info)
+    return found
+
+
+def find(model_path: Path, *, device: Optional[str] = None) -> Optional[Tuple[ServerInfo, str]]:
+    """A running server that serves ``model_path`` (on ``device``, if given) and answers
+    /health, with the model's name there; or None."""
+    for info in servers():
         name = info.name_of(model_path)
         if name is None or (device is not None and device.upper() != info.device.upper()):
             continue
@@ -110,14 +119,34 @@ def model_card(info: ServerInfo, name: str, api_key: Optional[str] = None) -> Op
     return _get(info, f"/v1/models/{quote(name, safe='')}", api_key)
 
 
+def loaded_models(info: ServerInfo, api_key: Optional[str] = None) -> Optional[List[dict]]:
+    """The server's loaded models (its /api/ps), or None if it does not answer."""
+    answer = _get(info, "/api/ps", api_key)
+    return answer.get("models") if isinstance(answer, dict) else None
+
+
+def unload(info: ServerInfo, name: str, api_key: Optional[str] = None) -> bool:
+    """Ask the server to unload a model now (ollama's keep_alive 0); whether it said yes."""
+    return _request(info, "POST", "/api/generate", api_key, {"model": name, "keep_alive": 0}) is not None
+
+
 def _get(info: ServerInfo, path: str, api_key: Optional[str] = None) -> Optional[dict]:
+    return _request(info, "GET", path, api_key)
+
+
+def _request(info: ServerInfo, method: str, path: str, api_key: Optional[str] = None,
+             body: Optional[dict] = None) -> Optional[dict]:
+    """The server's JSON answer if it is 200, else None."""
     parsed = urlparse(info.url)
-    conn = HTTPConnection(parsed.hostname, parsed.port, timeout=HEALTH_TIMEOUT_S)
+    conn = HTTPConnection(parsed.hostname, parsed.port, timeout=HEALTH_TIMEOUT_S if body is None else 120)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
         response = conn.getresponse()
-        body = response.read()
-        return json.loads(body) if response.status == 200 else None
+        answer = response.read()
+        return json.loads(answer) if response.status == 200 else None
     except (OSError, HTTPException, ValueError):
         return None
     finally:

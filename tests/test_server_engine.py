@@ -6,6 +6,7 @@ cancellation and refusals are tested here directly on the real demo model.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ovchat.options import GenerationSettings
@@ -80,3 +81,53 @@ def test_settings_genai_refuses_fail_that_request_alone(engine, demo_model):
                                                   protocol.Add(7, ask, GenerationSettings.forced(8))])
     assert failures[6].code == protocol.INVALID and failures[6].message
     assert 7 not in failures and finished[7] == "length" and len(tokens[7]) == 8
+
+
+def test_a_later_turn_reuses_the_cached_prefix(engine, demo_model):
+    """Prefix caching: a prompt that starts with a finished request's prompt and reply is
+    prefilled from where the cache ends. Counted in engine steps, not seconds: with 256-token
+    chunks (the engine fixture's) an uncached 700-token prompt needs three steps to its first
+    token, whatever else the machine is doing."""
+    rng = np.random.default_rng(3)
+    first = tuple(int(t) for t in rng.integers(100, 40000, size=640))
+    tokens, _, _ = run_all(engine, [protocol.Add(20, first, GenerationSettings.forced(8))])
+    later = first + tuple(tokens[20]) + tuple(int(t) for t in rng.integers(100, 40000, size=40))
+    fresh = tuple(int(t) for t in rng.integers(100, 40000, size=len(later)))
+
+    def steps_to_first_token(rid, ids):
+        assert engine.add(protocol.Add(rid, ids, GenerationSettings.forced(2))) is None
+        for step in range(1, 100):
+            if any(u.rid == rid and u.outputs for u in engine.step()):
+                while engine.busy:
+                    engine.step()
+                return step
+        raise AssertionError("no first token in 100 steps")
+
+    assert steps_to_first_token(21, later) == 1
+    assert steps_to_first_token(22, fresh) >= 3
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prefill(engine):
+    """A long prompt is prefilled in turns of TURN_TOKENS, each queued behind what arrived
+    meanwhile: a short prompt added while the first turn runs gets its first token long before
+    the long prompt does (GenAI alone would prefill the long prompt whole first), and the long
+    prompt still generates what it would alone."""
+    from ovchat.server.engine import TURN_TOKENS
+
+    rng = np.random.default_rng(4)
+    long = tuple(int(t) for t in rng.integers(100, 40000, size=4 * TURN_TOKENS + 100))
+    short = tuple(int(t) for t in rng.integers(100, 40000, size=15))
+    assert engine.add(protocol.Add(31, long, GenerationSettings.forced(4))) is None
+    engine.step()  # the long prompt's first turn is under way
+    assert engine.add(protocol.Add(32, short, GenerationSettings.forced(4))) is None
+    first, tokens, step = {}, {31: []}, 0
+    while engine.busy:
+        step += 1
+        for update in engine.step():
+            if update.outputs:
+                first.setdefault(update.rid, step)
+                if update.rid == 31:
+                    tokens[31] += [t for out in update.outputs.values() for t in out.ids]
+    assert first[32] < first[31] / 2, first
+    alone, _, _ = run_all(engine, [protocol.Add(30, long, GenerationSettings.forced(4))])
+    assert tokens[31] == alone[30]
