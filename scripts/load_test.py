@@ -9,8 +9,14 @@ reports requests/s, completion tokens/s, p50 and p99 latency and errors per leve
 the ratio of the highest level's token throughput to one client's. Every loop is bounded in
 requests and in time, and the script stops by itself (and stops the server it started).
 
+With ``--peer llama-server`` the same levels then run against llama.cpp's own server on the
+model's GGUF source (or ``--gguf``), with ``-np`` slots as many as the top level (continuous
+batching) and all cores. It is built once from the llama.cpp sources vendored in the
+llama-cpp-python 0.3.36 sdist (pip download, cmake; minutes on 2 cores) under ~/.cache/ovchat-bench.
+
     python scripts/load_test.py                       # the default model, levels 1,4,8
     python scripts/load_test.py -m smollm2-135m --requests-per-client 6 --max-tokens 64 --json
+    python scripts/load_test.py -m smollm2-135m --peer llama-server
 """
 
 from __future__ import annotations
@@ -20,16 +26,29 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from http.client import HTTPConnection, HTTPException
+from pathlib import Path
 from typing import List, Optional
 from urllib.parse import urlparse
+
+LLAMA_SDIST = "llama-cpp-python==0.3.36"
+BENCH_HOME = Path(os.environ.get("OVCHAT_BENCH_HOME", Path.home() / ".cache" / "ovchat-bench"))
+# As scripts/bench_peers.py builds llama.cpp: native, except AMX (its kernels die with SIGILL on
+# the AMX VMs here), where the AVX-512 VNNI/BF16 kernels are named instead.
+NATIVE = ["-DGGML_NATIVE=ON"]
+AMX_FREE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+            "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON",
+            "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF"]
 
 PROMPTS = [
     "Write a short story about a dragon who learns to bake bread.",
@@ -104,8 +123,9 @@ def check_loopback(url: str) -> None:
 def start_server(args) -> tuple:
     cmd = [sys.executable, "-m", "ovchat.cli", "serve", "--port", "0", "--device", args.device,
            "--max-concurrency", str(max(args.levels))]
-    if args.model:
-        cmd += ["-m", args.model]
+    from ovchat.store import default_model
+
+    cmd += ["-m", args.model or default_model()]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log: List[str] = []
     url: Optional[str] = None
@@ -123,6 +143,61 @@ def start_server(args) -> tuple:
     # Keep draining the server's log so it can never block on a full pipe.
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
     return proc, url
+
+
+def build_llama_server() -> Path:
+    """llama.cpp's llama-server, built once from the sources in the llama-cpp-python sdist."""
+    binary = BENCH_HOME / "llama-server" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    work = BENCH_HOME / "llama-server-build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q", "-d", str(work),
+                    LLAMA_SDIST], check=True)
+    sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, filter="data")
+    source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+    with open("/proc/cpuinfo") as f:
+        flags = AMX_FREE if " amx_int8" in f.read() else NATIVE
+    subprocess.run(["cmake", "-S", str(source), "-B", str(work / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_BLAS=OFF", *flags], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(work / "build"), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   check=True, stdout=subprocess.DEVNULL)
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(next((work / "build" / "bin").glob("llama-server")), binary)
+    for library in (work / "build" / "bin").glob("*.so*"):
+        shutil.copy2(library, binary.parent / library.name)
+    shutil.rmtree(work, ignore_errors=True)
+    return binary
+
+
+def start_llama_server(gguf: str, slots: int, context: int) -> tuple:
+    """llama-server on a free loopback port with ``slots`` parallel slots, each of ``context`` tokens."""
+    binary = build_llama_server()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([str(binary), "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+                             "-c", str(slots * context), "-t", str(os.cpu_count() or 2), "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "LD_LIBRARY_PATH": str(binary.parent)})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def gguf_of(model: Optional[str]) -> str:
+    """The GGUF a store model was converted from (its manifest's source)."""
+    from ovchat.modelfiles import read_manifest
+    from ovchat.store import resolve_model
+
+    path = resolve_model(model)
+    source = Path((read_manifest(path).get("source") or {}).get("path", ""))
+    if source.suffix != ".gguf" or not source.is_file():
+        sys.exit(f"load_test: {path} was not converted from a GGUF on this machine; give --gguf")
+    return str(source)
 
 
 def wait_ready(url: str, timeout: float) -> None:
@@ -216,6 +291,9 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=120)
     parser.add_argument("--startup-timeout", type=float, default=300)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--peer", choices=["llama-server"], help="then run the same levels against this peer")
+    parser.add_argument("--gguf", help="the GGUF for the peer (default: the model's GGUF source)")
+    parser.add_argument("--peer-context", type=int, default=2048, help="context tokens per llama-server slot")
     args = parser.parse_args()
     try:
         args.levels = sorted({int(x) for x in args.levels.split(",")})
@@ -224,6 +302,46 @@ def main() -> int:
     if not args.levels or args.levels[0] < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
         parser.error("levels, --requests-per-client and --max-tokens must be at least 1")
 
+    runs = [("ovchat", *measure_ovchat(args))]
+    if args.peer:
+        proc, url = start_llama_server(args.gguf or gguf_of(args.model), max(args.levels), args.peer_context)
+        try:
+            wait_ready(url, args.startup_timeout)
+            runs.append(("llama-server", url, "model", measure(url, "model", args, {})))
+        finally:
+            stop(proc)
+    if args.json:
+        print(json.dumps({"max_tokens": args.max_tokens, "runs": [
+            {"server": name, "url": url, "model": model, "levels": [asdict(level) for level in levels],
+             "throughput_ratio": ratio(levels)} for name, url, model, levels in runs]}, indent=2))
+    else:
+        for name, url, model, levels in runs:
+            print(f"{name}: model {model} at {url}, {args.max_tokens} tokens asked per reply")
+            print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
+                  f"{'/health p99 ms':>14}")
+            for l in levels:
+                print(f"{l.clients:>7} {l.requests:>8} {l.errors:>6} {l.requests_per_s:>7.2f} {l.tokens_per_s:>7.1f} "
+                      f"{l.p50_s:>7.2f} {l.p99_s:>7.2f} {1000 * l.health_p99_s:>14.1f}")
+            print(f"token throughput, {levels[-1].clients} clients / {levels[0].clients}: {ratio(levels)}x")
+            for l in levels:
+                for sample in l.error_samples:
+                    print(f"  error at {l.clients} clients: {sample}")
+    return 1 if any(l.errors for _, _, _, levels in runs for l in levels) else 0
+
+
+def ratio(levels: List[Level]) -> Optional[float]:
+    return round(levels[-1].tokens_per_s / levels[0].tokens_per_s, 2) if levels[0].tokens_per_s else None
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def measure_ovchat(args) -> tuple:
     proc = None
     if args.url:
         check_loopback(args.url)
@@ -234,42 +352,23 @@ def main() -> int:
         wait_ready(url, args.startup_timeout)
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         http = Http(url, headers, timeout=args.request_timeout)
-        status, data = http.request("GET", "/v1/models")
-        if status != 200:
-            sys.exit(f"load_test: GET /v1/models answered {status}: {data[:200].decode(errors='replace')}")
-        model = json.loads(data)["data"][0]["id"]
-        # Warm-up: the first request pays for one-time set-up that no level should be charged for.
-        http.request("POST", "/v1/chat/completions",
-                     {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
-        http.close()
-        levels = [run_level(url, model, c, args, headers) for c in args.levels]
+        status, data = http.request("GET", "/health")
+        model = json.loads(data).get("model") if status == 200 else None
+        if model is None:
+            sys.exit("load_test: the server names no model in /health; start it with -m (or give -m here)")
+        return url, model, measure(url, model, args, headers)
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
-    base, top = levels[0], levels[-1]
-    ratio = round(top.tokens_per_s / base.tokens_per_s, 2) if base.tokens_per_s else None
-    if args.json:
-        print(json.dumps({"url": url, "model": model, "max_tokens": args.max_tokens,
-                          "levels": [asdict(l) for l in levels],
-                          f"throughput_ratio_{top.clients}_to_{base.clients}": ratio}, indent=2))
-    else:
-        print(f"model {model} at {url}, {args.max_tokens} tokens asked per reply")
-        print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
-              f"{'/health p99 ms':>14}")
-        for l in levels:
-            print(f"{l.clients:>7} {l.requests:>8} {l.errors:>6} {l.requests_per_s:>7.2f} {l.tokens_per_s:>7.1f} "
-                  f"{l.p50_s:>7.2f} {l.p99_s:>7.2f} {1000 * l.health_p99_s:>14.1f}")
-        print(f"token throughput, {top.clients} clients / {base.clients}: {ratio}x")
-        for l in levels:
-            for sample in l.error_samples:
-                print(f"  error at {l.clients} clients: {sample}")
-    return 1 if any(l.errors for l in levels) else 0
 
+def measure(url: str, model: str, args, headers: dict) -> List[Level]:
+    http = Http(url, headers, timeout=args.request_timeout)
+    # Warm-up: the first request pays for one-time set-up that no level should be charged for.
+    http.request("POST", "/v1/chat/completions",
+                 {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+    http.close()
+    return [run_level(url, model, c, args, headers) for c in args.levels]
 
 if __name__ == "__main__":
     sys.exit(main())

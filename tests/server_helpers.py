@@ -44,8 +44,8 @@ def in_process_app(model_dir, name: str = "m", **settings):
     from ovchat.server.models import ModelPool, ModelSource, PoolSettings
 
     pool = ModelPool(PoolSettings(max_memory=8 << 30, max_loaded=2, keep_alive_s=None, max_concurrency=1, max_queue=4,
-                                  engine_spec=lambda path: EngineSpec(Path(path), "CPU", {}, max_running=1,
-                                                                      kv_cache_gb=0),
+                                  engine_spec=lambda path, kind: EngineSpec(Path(path), "CPU", {}, max_running=1,
+                                                                            kv_cache_gb=0, kind=kind),
                                   context_limit=64), [ModelSource(name, Path(model_dir), pinned=True)])
     return create_app(pool, ServerSettings(**settings))
 

@@ -76,13 +76,14 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
     started = time.time()
     progress(Progress("read", f"reading {source_path}"))
     checkpoint = open_checkpoint(source_path)
+    pooling = _pooling(checkpoint)  # a sentence encoder's, or None for a chat model
     if checkpoint.kind != "ov" and not has_tokenizer(checkpoint):
         raise CheckpointError(f"{source_path} has no tokenizer (tokenizer.json or GGUF tokenizer metadata); "
                               "copy the model's tokenizer files beside its weights")
     if checkpoint.kind == "ov" and not _ov_tokenizer_available(checkpoint.path):
         raise CheckpointError(f"{source_path} has neither openvino_tokenizer.xml nor tokenizer.json; "
                               "copy the model's tokenizer.json into it")
-    recipe = _resolve(recipe, checkpoint, progress)
+    recipe = _resolve(recipe, checkpoint, progress, encoder=pooling is not None)
 
     work = _work_directory(output)
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovchat-hash")
@@ -90,13 +91,14 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
         with sigterm_as_interrupt():
             # Hashing the source is I/O bound and releases the GIL: it overlaps the build.
             hashes = hasher.submit(_hash_files, checkpoint.files)
-            built = _build_and_compress(checkpoint, work, recipe, progress)
+            built = _build_and_compress(checkpoint, work, recipe, progress, encoder=pooling is not None)
             _write_tokenizer(checkpoint, work, progress)
             _write_configs(checkpoint, work)
-            measured = _receipt(checkpoint, work, built, receipt, progress)
+            measured = _receipt(checkpoint, work, built, receipt, progress, pooling)
             shutil.rmtree(work / _FLOAT_DIR, ignore_errors=True)
             progress(Progress("save", "hashing the source files for the manifest"))
-            _write_manifest(work, checkpoint, recipe, built, measured, hashes, started, manifest_extra or {})
+            kind = {"kind": "chat"} if pooling is None else {"kind": "embedding", "embedding": pooling}
+            _write_manifest(work, checkpoint, recipe, built, measured, hashes, started, {**kind, **(manifest_extra or {})})
             progress(Progress("save", f"moving the model into {output}"))
             install_directory(work, output)
     except BaseException as e:
@@ -142,10 +144,26 @@ def _work_directory(output: Path) -> Path:
                               "writable directory") from None
 
 
-def _resolve(recipe: "Recipe", checkpoint, progress: ProgressCallback) -> "Recipe":
-    """The recipe for this source; a quantized GGUF is kept unless a recipe was named."""
+def _pooling(checkpoint) -> Optional[Dict[str, object]]:
+    """How a sentence encoder pools (with its vectors' size); None for a chat model."""
+    from ovchat.convert import sentence
+    from ovchat.convert.families import family_of
+
+    if checkpoint.kind == "ov" or family_of(checkpoint.config).kind != "embedding":
+        return None
+    config = checkpoint.config
+    if checkpoint.kind == "gguf":
+        found = sentence.from_gguf(checkpoint.field, checkpoint.family.gguf, config)
+    else:
+        found = sentence.from_directory(checkpoint.path, config)
+    return {**found.as_dict(), "dimensions": config.get("hidden_size") or config.get("n_embd")}
+
+
+def _resolve(recipe: "Recipe", checkpoint, progress: ProgressCallback, *, encoder: bool = False) -> "Recipe":
+    """The recipe for this source; a quantized GGUF is kept unless a recipe was named, and a
+    sentence encoder gets fp16 by default."""
     quantized = checkpoint.kind == "gguf" and checkpoint.is_quantized()
-    resolved = recipe.resolve(quantized_source=quantized, source=checkpoint.path)
+    resolved = recipe.resolve(quantized_source=quantized, source=checkpoint.path, encoder=encoder)
     if resolved.weight_format == "keep":
         checkpoint.keep_quantized = True
         progress(Progress("compress", "keeping the GGUF's own quantization (no second quantization; "
@@ -167,7 +185,8 @@ class _Built:
     reference: Callable[[], object]  # builds the float model the receipt compares against
 
 
-def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: ProgressCallback) -> _Built:
+def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: ProgressCallback, *,
+                        encoder: bool = False) -> _Built:
     import openvino as ov
 
     from ovchat.convert.compress import compress, save
@@ -203,7 +222,7 @@ def _build_and_compress(checkpoint, work: Path, recipe: "Recipe", progress: Prog
     kept = _kept_summary(checkpoint, progress)
     model, bitwidths = compress(model, recipe, progress=progress)
     runtime_options = {}
-    if recipe.weight_format == "fp16":
+    if recipe.weight_format == "fp16" and not encoder:  # an encoder has no KV cache
         # As optimum-cli does for fp16 exports: the CPU's default u8 KV cache would cost more
         # accuracy than the weights keep (decode logits off by ~1e-2 instead of ~4e-4).
         runtime_options["KV_CACHE_PRECISION"] = "f16"
@@ -272,7 +291,8 @@ def _write_configs(checkpoint, work: Path) -> None:
             shutil.copy2(checkpoint.path / name, work / name)
 
 
-def _receipt(checkpoint, work: Path, built: _Built, wanted: Optional[bool], progress: ProgressCallback) -> dict:
+def _receipt(checkpoint, work: Path, built: _Built, wanted: Optional[bool], progress: ProgressCallback,
+             pooling: Optional[Dict[str, object]] = None) -> dict:
     """The accuracy receipt (see ovchat.convert.receipt), or why there is none."""
     from ovchat.convert import receipt
 
@@ -283,6 +303,18 @@ def _receipt(checkpoint, work: Path, built: _Built, wanted: Optional[bool], prog
         return {"skipped": f"{parameters / 1e9:.1f}B weights: auto measures models up to "
                            f"{receipt.AUTO_MAX_PARAMETERS / 1e9:.0f}B that fit in memory several times "
                            "(--receipt measures it anyway)"}
+    if pooling is not None:
+        progress(Progress("receipt", "measuring the accuracy receipt: the converted encoder's vectors against the "
+                                     "float weights'"))
+        try:
+            vectors = receipt.measure_embeddings(work / MODEL_XML, built.reference, work, pooling)
+        except (RuntimeError, MemoryError) as e:
+            from ovchat.errors import summary
+
+            return {"skipped": f"could not be measured: {summary(e)}"}
+        progress(Progress("receipt", f"receipt: cosine similarity {vectors.mean_cosine:.6f} on average, "
+                                     f"{vectors.min_cosine:.6f} at worst, against the float weights"))
+        return vectors.as_dict()
     progress(Progress("receipt", f"measuring the accuracy receipt: the converted model against the float "
                                  f"weights over {receipt.MAX_TOKENS} tokens of text"))
     try:

@@ -25,6 +25,8 @@ class Family:
     GGUF support). ``gguf_names``: per-block GGUF tensor names that differ from the llama
     family's mapping; ``permuted``: llama.cpp permuted the Q/K rows for its interleaved RoPE;
     ``norm_offset``: the GGUF's norms hold 1 + w (Gemma). ``models``: what users know it as.
+    ``kind``: ``chat`` (a decoder: LLMPipeline) or ``embedding`` (a sentence encoder: its IR's
+    output is every token's state, pooled into one vector by ovchat.embeddings).
     """
 
     module: str
@@ -35,6 +37,7 @@ class Family:
     gguf_names: Tuple[Tuple[str, str], ...] = ()
     permuted: bool = False
     norm_offset: float = 0.0
+    kind: str = "chat"
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -54,6 +57,13 @@ FAMILIES: Tuple[Family, ...] = (
                ("post_ffw_norm", "post_feedforward_layernorm"))),
     Family("smollm3", ("SmolLM3ForCausalLM",), ("smollm3",), "SmolLM3 (no RoPE in every fourth layer)",
            gguf="smollm3", permuted=True),
+    # Sentence encoders, for embeddings.
+    Family("bert", ("BertModel", "BertForMaskedLM", "BertForPreTraining"), ("bert",),
+           "BERT encoders (all-MiniLM, bge, e5, gte-base)", gguf="bert", kind="embedding"),
+    Family("mpnet", ("MPNetModel", "MPNetForMaskedLM"), ("mpnet",), "MPNet encoders (all-mpnet-base-v2)",
+           kind="embedding"),
+    Family("nomic_bert", ("NomicBertModel", "NomicBertForMaskedLM"), ("nomic_bert",),
+           "nomic-bert (nomic-embed-text)", gguf="nomic-bert", kind="embedding"),
 )
 
 _BY_ARCHITECTURE: Dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}

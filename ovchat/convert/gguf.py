@@ -53,6 +53,20 @@ _BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# The sentence encoders llama.cpp converts, block and top names (as gguf-py's tensor map has them).
+_ENCODER_NAMES = {
+    "bert": ({"attn_q": "attention.self.query", "attn_k": "attention.self.key", "attn_v": "attention.self.value",
+              "attn_output": "attention.output.dense", "attn_output_norm": "attention.output.LayerNorm",
+              "ffn_up": "intermediate.dense", "ffn_down": "output.dense", "layer_output_norm": "output.LayerNorm"},
+             "encoder.layer",
+             {"token_embd": "embeddings.word_embeddings", "position_embd": "embeddings.position_embeddings",
+              "token_types": "embeddings.token_type_embeddings", "token_embd_norm": "embeddings.LayerNorm"}),
+    "nomic-bert": ({"attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj", "attn_output_norm": "norm1",
+                    "ffn_up": "mlp.fc11", "ffn_gate": "mlp.fc12", "ffn_down": "mlp.fc2", "layer_output_norm": "norm2"},
+                   "encoder.layers",
+                   {"token_embd": "embeddings.word_embeddings", "token_types": "embeddings.token_type_embeddings",
+                    "token_embd_norm": "emb_ln"}),
+}
 
 # Tensors llama.cpp adds that have no Hugging Face counterpart; their content goes into config.
 _CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
@@ -69,6 +83,14 @@ def readable_types() -> Tuple[str, ...]:
 
 def gguf_to_hf_name(name: str, arch: str) -> Optional[str]:
     """The Hugging Face name of a GGUF tensor, or None where there is none."""
+    if arch in _ENCODER_NAMES:
+        block_names, layers, top = _ENCODER_NAMES[arch]
+        m = _BLOCK_RE.match(name)
+        if m:
+            part = block_names.get(m.group(2))
+            return None if part is None else f"{layers}.{m.group(1)}.{part}.{m.group(3)}"
+        stem, _, kind = name.rpartition(".")
+        return f"{top[stem]}.{kind}" if stem in top else None
     m = _BLOCK_RE.match(name)
     if m:
         layer, part, kind = m.groups()
@@ -317,6 +339,31 @@ _FAMILY_CONFIG: Dict[str, Callable[[dict, Callable], None]] = {"gemma3": _gemma3
                                                                "smollm3": _smollm3_config}
 
 
+def _encoder_config(path: Path, fields: Callable, arch: str, family: Family, tensors: Dict[str, "_Tensor"]) -> dict:
+    """The Hugging Face config of a llama.cpp sentence encoder (bert or nomic-bert)."""
+    def key(k, default=None):
+        return fields(f"{arch}.{k}", default)
+
+    hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
+    if not hidden or not heads or not layers:
+        raise CheckpointError(f"{path} lacks {arch}.embedding_length/attention.head_count/block_count "
+                              "metadata; use a GGUF written by a recent llama.cpp")
+    types = tensors.get("embeddings.token_type_embeddings.weight")
+    config = {
+        "architectures": [family.architectures[0]], "model_type": family.model_types[0],
+        "hidden_size": int(hidden), "num_hidden_layers": int(layers), "num_attention_heads": int(heads),
+        "intermediate_size": int(key("feed_forward_length", 4 * int(hidden))),
+        "layer_norm_eps": _f32(key("attention.layer_norm_epsilon", 1e-12)),
+        "max_position_embeddings": int(key("context_length", 512)),
+        "vocab_size": int(tensors["embeddings.word_embeddings.weight"].shape[0]),
+        "type_vocab_size": int(types.shape[0]) if types is not None else 2,
+        "pad_token_id": int(fields("tokenizer.ggml.padding_token_id", 0)), "torch_dtype": "float16",
+    }
+    if arch == "nomic-bert":
+        config["rope_theta"] = _f32(key("rope.freq_base", 1000.0))
+    return config
+
+
 def gguf_eos_ids(fields: Callable[[str, object], object]) -> List[int]:
     """Every token id at which llama.cpp would stop: eos, end-of-turn and end-of-message."""
     ids: List[int] = []
@@ -366,9 +413,12 @@ def open_gguf(path: Path, *, keep_quantized: bool = False) -> GGUFCheckpoint:
             raise CheckpointError(f"{path}: tensor {info.name} has no Hugging Face counterpart in a {arch} "
                                   "model; this GGUF variant is not supported")
         tensors[hf] = tensor
-    if "model.embed_tokens.weight" not in tensors:
+    if "model.embed_tokens.weight" not in tensors and "embeddings.word_embeddings.weight" not in tensors:
         raise CheckpointError(f"{path} has no token_embd.weight tensor; use a complete GGUF")
 
+    if family.kind == "embedding":
+        config = _encoder_config(path, fields, arch, family, tensors)
+        return GGUFCheckpoint(path, file, family, config, None, tensors, keep_quantized)
     config = gguf_config(path, fields, arch, tensors, raw)
     generation_config = {"bos_token_id": config.get("bos_token_id"),
                          "eos_token_id": gguf_eos_ids(fields) or config.get("eos_token_id"),

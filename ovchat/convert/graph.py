@@ -433,3 +433,91 @@ def attention(q: ov.Output, k: ov.Output, v: ov.Output, *, inp: Inputs, shape: A
                                                    _f32(scale), causal=False, name=f"{name}/sdpa")
     context = ops.transpose(context, _i64([0, 2, 1, 3]))
     return ops.reshape(context, _i64([0, 0, -1]), special_zero=True).output(0), [k_assign, v_assign]
+
+
+# --- encoders (sentence embeddings) -------------------------------------------------------------
+# A sentence encoder reads a whole padded batch at once and attends both ways: no KV cache, no
+# causal mask. Its IR is what openvino_genai.TextEmbeddingPipeline (and ovchat.embeddings) take:
+# input_ids and attention_mask (and token_type_ids where the model has token types), i64
+# [B, L]; the output "last_hidden_state" [B, L, hidden], pooled and normalized afterwards.
+
+@dataclass(frozen=True)
+class EncoderInputs:
+    input_ids: ov.Node
+    attention_mask: ov.Node
+    token_type_ids: Optional[ov.Node]
+
+    @property
+    def parameters(self) -> List[ov.Node]:
+        return [p for p in (self.input_ids, self.attention_mask, self.token_type_ids) if p is not None]
+
+    def length(self) -> ov.Output:
+        """L, the padded length, as i64 [1]."""
+        return ops.gather(ops.shape_of(self.input_ids, "i64"), _i64([1]), _i64(0)).output(0)
+
+
+def encoder_inputs(token_types: bool = False) -> EncoderInputs:
+    def parameter(name: str) -> ov.Node:
+        p = ops.parameter(ov.PartialShape([-1, -1]), ov.Type.i64, name=name)
+        p.output(0).set_names({name})
+        return p
+
+    return EncoderInputs(parameter("input_ids"), parameter("attention_mask"),
+                         parameter("token_type_ids") if token_types else None)
+
+
+def encoder_model(inp: EncoderInputs, hidden: ov.Output, name: str, arrays: Sequence[np.ndarray] = ()) -> ov.Model:
+    hidden.get_node().set_friendly_name("last_hidden_state")
+    result = ops.result(hidden)
+    result.output(0).set_names({"last_hidden_state"})
+    hidden.set_names({"last_hidden_state"})
+    built = ov.Model([result], inp.parameters, name)
+    built._ovchat_shared_arrays = list(arrays)
+    return built
+
+
+def layer_norm(x: ov.Output, gamma: Weight, beta: Weight, eps: float, name: str) -> ov.Output:
+    """(x - mean) / sqrt(var + eps) * gamma + beta over the last axis: MVN with the epsilon inside
+    the root, which the CPU plugin runs as one normalisation kernel."""
+    normalized = ops.mvn(x, _i64([-1]), normalize_variance=True, eps=float(eps), eps_mode="inside_sqrt")
+    return ops.add(ops.multiply(normalized, weight(gamma, f"{name}.weight")), weight(beta, f"{name}.bias"),
+                   name=name).output(0)
+
+
+def padding_bias(attention_mask: ov.Node) -> ov.Output:
+    """[B, 1, 1, L]: 0 where a key is a token, a large negative where it is padding."""
+    keep = ops.unsqueeze(ops.convert(attention_mask, ov.Type.boolean), _i64([1, 2]))
+    return ops.select(keep, _f32(0.0), _f32(_MASKED)).output(0)
+
+
+def encoder_attention(x: ov.Output, w: Mapping[str, Weight], *, heads: int, head_dim: int, bias: ov.Output,
+                      name: str, rotary: Optional[Rotary] = None) -> ov.Output:
+    """Bidirectional self-attention: q, k, v projections (with their biases where ``w`` has
+    ``q_bias``...), an optional RoPE, SDPA with the additive ``bias`` (padding, plus MPNet's
+    relative positions), and the output projection."""
+    q = _split_heads(linear(x, w["q"], f"{name}.q", w.get("q_bias")), heads, head_dim)
+    k = _split_heads(linear(x, w["k"], f"{name}.k", w.get("k_bias")), heads, head_dim)
+    v = _split_heads(linear(x, w["v"], f"{name}.v", w.get("v_bias")), heads, head_dim)
+    if rotary is not None:
+        q, k = apply_rope(q, rotary), apply_rope(k, rotary)
+    context = ops.scaled_dot_product_attention(q, k, v, bias, causal=False, name=f"{name}/sdpa")
+    context = ops.reshape(ops.transpose(context, _i64([0, 2, 1, 3])), _i64([0, 0, -1]), special_zero=True)
+    return linear(context.output(0), w["o"], f"{name}.o", w.get("o_bias"))
+
+
+_GELU = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+def gelu_mlp(x: ov.Output, w: Mapping[str, Weight], name: str, activation: str = "gelu") -> ov.Output:
+    """BERT's feed-forward: out(gelu(in(x))), biases on both; ``activation`` is the config's
+    hidden_act: "gelu" is the exact (erf) GELU, "gelu_new" and kin the tanh approximation."""
+    if activation not in _GELU:
+        raise UnsupportedArchitectureError(f"hidden_act {activation!r} is not supported; supported: "
+                                           f"{', '.join(_GELU)}")
+    h = ops.gelu(linear(x, w["in"], f"{name}.in", w.get("in_bias")), approximation_mode=_GELU[activation])
+    return linear(h.output(0), w["out"], f"{name}.out", w.get("out_bias"))
+
+
+def positions(inp: EncoderInputs) -> ov.Node:
+    """0..L-1 as i64 [1, L], the absolute positions of a right-padded batch."""
+    return ops.unsqueeze(ops.range(_i64(0), ops.squeeze(inp.length(), _i64([0])), _i64(1), "i64"), _i64([0]))

@@ -132,3 +132,51 @@ def measure(converted: Path, reference: Callable[[], "ov.Model"], tokenizer_dir:
                       seconds=round(time.perf_counter() - start, 2))
     log.info("receipt: %s", receipt)
     return receipt
+
+
+@dataclass(frozen=True)
+class EmbeddingReceipt:
+    """A sentence encoder's receipt: how close its vectors are to the float weights' (cosine)."""
+
+    mean_cosine: float
+    min_cosine: float
+    sentences: int
+    seconds: float
+    text: str = TEXT_ID
+    reference: str = "the source's float weights, float32 inference"
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def measure_embeddings(converted: Path, reference: Callable[[], "ov.Model"], tokenizer_dir: Path,  # noqa: F821
+                       pooling: Dict[str, object]) -> EmbeddingReceipt:
+    """The receipt of a converted encoder: each line of the receipt's text embedded by the
+    converted IR and by the float model, pooled as the model pools, compared by cosine."""
+    import openvino as ov
+    import openvino_genai
+
+    from ovchat.embeddings import normalize, pool
+
+    start = time.perf_counter()
+    sentences = [line for line in TEXT.splitlines() if line.strip()]
+    encoded = openvino_genai.Tokenizer(str(tokenizer_dir)).encode(
+        sentences, add_special_tokens=True, max_length=int(pooling.get("max_length") or 512), truncation=True)
+    ids, mask = np.asarray(encoded.input_ids.data, np.int64), np.asarray(encoded.attention_mask.data, np.int64)
+
+    def vectors(model) -> np.ndarray:
+        compiled = ov.Core().compile_model(model, "CPU", EXACT_F32)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if any("token_type_ids" in i.get_names() for i in compiled.inputs):
+            feed["token_type_ids"] = np.zeros_like(ids)
+        states = np.asarray(compiled.create_infer_request().infer(feed)[0], np.float32)
+        return normalize(pool(states, mask, str(pooling["mode"])))
+
+    model = reference()
+    want = vectors(model)
+    del model
+    cosines = (vectors(converted) * want).sum(-1)
+    receipt = EmbeddingReceipt(mean_cosine=round(float(cosines.mean()), 6), min_cosine=round(float(cosines.min()), 6),
+                               sentences=len(sentences), seconds=round(time.perf_counter() - start, 2))
+    log.info("receipt: %s", receipt)
+    return receipt

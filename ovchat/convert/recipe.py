@@ -51,10 +51,13 @@ class Recipe:
             raise OptionError(f"group size fallback {self.group_size_fallback!r} is unknown; use one of "
                               f"{', '.join(GROUP_SIZE_FALLBACKS)}")
 
-    def resolve(self, *, quantized_source: bool, source: object = "the source") -> "Recipe":
-        """The recipe that applies to a source: ``auto`` decided, ``keep`` checked."""
+    def resolve(self, *, quantized_source: bool, source: object = "the source", encoder: bool = False) -> "Recipe":
+        """The recipe that applies to a source: ``auto`` decided, ``keep`` checked. A sentence
+        encoder (``encoder``) gets fp16 by ``auto``: it is small, and its vectors are compared
+        by cosine, which 4-bit weights would blur."""
         if self.weight_format == "auto":
-            return dataclasses.replace(self, weight_format="keep" if quantized_source else "int4")
+            float_default = "fp16" if encoder else "int4"
+            return dataclasses.replace(self, weight_format="keep" if quantized_source else float_default)
         if self.weight_format == "keep" and not quantized_source:
             raise OptionError(f"{source} is not quantized, so there is no quantization to keep; use "
                               "--weight-format auto (int4) or int4, int8 or fp16")

@@ -109,9 +109,11 @@ def gguf_tokenizer_json(checkpoint: GGUFCheckpoint) -> dict:
         spec = _gpt2_tokenizer_json(checkpoint, tokens)
     elif model == "llama":
         spec = _spm_tokenizer_json(checkpoint, tokens, types)
+    elif model == "bert":
+        return _wordpiece_tokenizer_json(checkpoint, tokens, types)
     else:
         raise CheckpointError(f"{checkpoint.path} has tokenizer model {model!r}; ovchat converts GGUF "
-                              "tokenizers of type gpt2 (byte-level BPE) and llama (SentencePiece)")
+                              "tokenizers of type gpt2 (byte-level BPE), llama (SentencePiece) and bert (WordPiece)")
     byte_tokens = model == "llama"
     spec["added_tokens"] = [
         {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
@@ -121,6 +123,51 @@ def gguf_tokenizer_json(checkpoint: GGUFCheckpoint) -> dict:
     ]
     spec["post_processor"] = _post_processor(checkpoint, tokens)
     return spec
+
+
+def _wordpiece_tokenizer_json(checkpoint: GGUFCheckpoint, tokens: List[str], types: List[int]) -> dict:
+    """BERT's WordPiece tokenizer (uncased, as llama.cpp's WPM tokenizer is): llama.cpp stores its
+    vocabulary in "phantom space" form (a word-initial piece gets a leading U+2581, a
+    continuation loses its "##"), which is undone here; [CLS] text [SEP] around every input."""
+    f = checkpoint.field
+    vocab: Dict[str, int] = {}
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        if ty == _CONTROL or (tok.startswith("[") and tok.endswith("]")):
+            piece = tok
+        elif tok.startswith("\u2581"):
+            piece = tok[1:]
+        else:
+            piece = "##" + tok
+        vocab.setdefault(piece, i)
+
+    def token(*keys: str) -> Optional[int]:
+        return next((int(f(f"tokenizer.ggml.{k}")) for k in keys if f(f"tokenizer.ggml.{k}") is not None), None)
+
+    cls, sep, unk = token("cls_token_id", "bos_token_id"), token("seperator_token_id", "eos_token_id"), \
+        token("unknown_token_id")
+    if cls is None or sep is None:
+        raise CheckpointError(f"{checkpoint.path} names no [CLS]/[SEP] tokens (tokenizer.ggml.cls_token_id, "
+                              "seperator_token_id); use a GGUF written by a recent llama.cpp")
+    specials = {tokens[cls]: {"id": tokens[cls], "ids": [cls], "tokens": [tokens[cls]]},
+                tokens[sep]: {"id": tokens[sep], "ids": [sep], "tokens": [tokens[sep]]}}
+    single = [{"SpecialToken": {"id": tokens[cls], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+              {"SpecialToken": {"id": tokens[sep], "type_id": 0}}]
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True}
+                         for i, (tok, ty) in enumerate(zip(tokens, types)) if ty == _CONTROL],
+        "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                       "strip_accents": None, "lowercase": True},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "TemplateProcessing", "single": single,
+                           "pair": single + [{"Sequence": {"id": "B", "type_id": 1}},
+                                             {"SpecialToken": {"id": tokens[sep], "type_id": 1}}],
+                           "special_tokens": specials},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+        "model": {"type": "WordPiece", "unk_token": tokens[unk] if unk is not None else "[UNK]",
+                  "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab},
+    }
 
 
 def _gpt2_tokenizer_json(checkpoint: GGUFCheckpoint, tokens: List[str]) -> dict:

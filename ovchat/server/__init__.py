@@ -78,6 +78,7 @@ class ServeOptions:
     max_memory: Optional[int] = None  # bytes for every loaded model together; None: a share of the machine's
     max_loaded: int = DEFAULT_MAX_LOADED
     niceness: int = 0  # > 0: the engines yield the CPU to everything else on the box
+    prefix_cache: bool = True  # off: every request is prefilled from its first token (for measurements)
     speculation: Optional[Speculation] = None  # prompt lookup (every model) or a draft model (the -m model)
 
 
@@ -111,13 +112,14 @@ def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, st
         failure["message"] = message
         server.should_exit = True  # uvicorn polls this; a server without its -m model is no use
 
-    def engine_spec(path: Path) -> EngineSpec:
+    def engine_spec(path: Path, kind: str) -> EngineSpec:
         speculation = options.speculation
-        if speculation is not None and speculation.kind == "draft" and Path(path) != pinned[0].path:
+        if kind != "chat" or (speculation is not None and speculation.kind == "draft" and Path(path) != pinned[0].path):
             speculation = None
         return EngineSpec(model_path=Path(path), device=device.name, properties=properties,
                           max_running=options.max_concurrency, kv_cache_gb=options.kv_cache_gb,
-                          prefill_chunk=options.prefill_chunk, speculation=speculation, niceness=options.niceness)
+                          prefill_chunk=options.prefill_chunk, speculation=speculation, niceness=options.niceness,
+                          prefix_cache=options.prefix_cache, kind=kind)
 
     budget = options.max_memory or int(memory_total() * DEFAULT_MEMORY_SHARE) or (8 << 30)
     pool = ModelPool(PoolSettings(

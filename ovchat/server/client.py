@@ -87,10 +87,12 @@ class EngineClient:
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the tokenizer here and start the engine process (returns at once)."""
-        import openvino_genai
+        """Load a chat model's tokenizer here and start the engine process (returns at once; an
+        embedding model tokenizes in its engine)."""
+        if self.spec.kind == "chat":
+            import openvino_genai
 
-        self.tokenizer = openvino_genai.Tokenizer(str(self.spec.model_path))
+            self.tokenizer = openvino_genai.Tokenizer(str(self.spec.model_path))
         self._spawn()
 
     def _spawn(self) -> None:
@@ -208,10 +210,34 @@ class EngineClient:
             if gone and remaining:
                 self._outbox.put(protocol.Cancel(rid))
 
+    async def embed(self, inputs: List[object], dimensions: Optional[int] = None) -> protocol.Embedded:
+        """The vectors of ``inputs`` (texts or token-id lists), from an embedding model's engine."""
+        rid = next(self._ids)
+        request = _Request(rid, asyncio.get_running_loop())
+        with self._requests_lock:
+            self.require_ready()
+            self._requests[rid] = request
+            outbox = self._outbox
+        outbox.put(protocol.Embed(rid, tuple(tuple(x) if isinstance(x, list) else x for x in inputs), dimensions))
+        item: object = None
+        try:
+            item = await request.queue.get()
+        finally:
+            with self._requests_lock:
+                self._requests.pop(rid, None)
+            if item is None:  # the client went away first: the engine need not answer
+                self._outbox.put(protocol.Cancel(rid))
+        if isinstance(item, Exception):
+            raise item
+        return item
+
     def _deliver(self, update: protocol.Update) -> None:
         with self._requests_lock:
             request = self._requests.get(update.rid)
         if request is None:
+            return
+        if update.embedded is not None:
+            _put(request, update.embedded)
             return
         items: List[Any] = [Output(i, list(t.ids), list(t.logprobs), update.finished.get(i))
                             for i, t in update.outputs.items()]

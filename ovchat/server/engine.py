@@ -63,6 +63,8 @@ class EngineSpec:
     prefill_chunk: int = 256
     speculation: Optional[Any] = None  # ovchat.speculation.Speculation: for every request
     warm_up: bool = True
+    prefix_cache: bool = True
+    kind: str = "chat"  # "embedding": a sentence encoder (EmbeddingEngine)
     # The engine process lowers its priority by this much: OpenVINO's worker threads keep every
     # core busy during a long prefill (they even spin between layers), and at equal priority the
     # HTTP process waited ~100 ms for a core to answer /health on a 2-core machine.
@@ -89,7 +91,7 @@ class Engine:
         # request that starts with the same tokens (a conversation's next turn, a shared system
         # prompt); they are the first to go when running requests need the room. Demo, turn 8 of
         # a growing conversation (737 prompt tokens): first token in 80 ms with it, 1.34 s without.
-        scheduler.enable_prefix_caching = True
+        scheduler.enable_prefix_caching = spec.prefix_cache
         properties: Dict[str, Any] = dict(spec.properties)
         if spec.speculation is not None:
             properties.update(spec.speculation.pipeline_kwargs(spec.device, spec.properties))
@@ -115,7 +117,7 @@ class Engine:
 
         try:
             config = request.settings.to_genai(self.pipe.get_config(), self.spec.speculation)  # checked now
-            if len(request.prompt_ids) > 2 * TURN_TOKENS:
+            if len(request.prompt_ids) > 2 * TURN_TOKENS and self.spec.prefix_cache:
                 self._staged[request.rid] = _Staged(request, 0, None)
                 self._next_turn(self._staged[request.rid])
             else:
@@ -214,6 +216,44 @@ class Engine:
                               kv_cache_bytes=int(metrics.kv_cache_size_in_bytes))
 
 
+class EmbeddingEngine:
+    """A sentence encoder in the engine process: each Embed request is answered in one step."""
+
+    def __init__(self, spec: EngineSpec):
+        from ovchat.embeddings import Embedder
+
+        self.embedder = Embedder(spec.model_path, device=spec.device)
+        self.load_s = self.embedder.load_s
+        self._queue: Dict[int, protocol.Embed] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue)
+
+    def add(self, request: protocol.Embed) -> Optional[Update]:
+        self._queue[request.rid] = request
+        return None
+
+    def cancel(self, rid: int) -> None:
+        self._queue.pop(rid, None)
+
+    def step(self) -> List[Update]:
+        from ovchat.errors import OvchatError
+
+        if not self._queue:
+            return []
+        rid, request = next(iter(self._queue.items()))
+        del self._queue[rid]
+        try:
+            result = self.embedder.embed(list(request.inputs), dimensions=request.dimensions)
+        except OvchatError as e:
+            return [Update(rid, failure=Failure(protocol.INVALID, str(e)))]
+        return [Update(rid, embedded=protocol.Embedded(result.vectors, tuple(result.tokens), tuple(result.truncated)))]
+
+    def stats(self) -> protocol.Stats:
+        return protocol.Stats(requests=len(self._queue), active=len(self._queue))
+
+
 def _tensor(ids: Any) -> Any:
     import numpy as np
     import openvino as ov
@@ -226,11 +266,11 @@ def run(conn: Connection, spec: EngineSpec) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if spec.niceness:
         _lower_priority(spec.niceness)
-    try:
-        engine = Engine(spec)
-    except RuntimeError as e:
-        from ovchat.errors import summary
+    from ovchat.errors import OvchatError, summary
 
+    try:
+        engine: Any = EmbeddingEngine(spec) if spec.kind == "embedding" else Engine(spec)
+    except (RuntimeError, OvchatError) as e:
         conn.send(protocol.Fatal(f"could not load {spec.model_path} on {spec.device}: {summary(e)}"))
         return
     conn.send(protocol.Ready(engine.load_s, spec.device, os.getpid()))
@@ -240,7 +280,7 @@ def run(conn: Connection, spec: EngineSpec) -> None:
         pass  # the HTTP process has gone: nobody is waiting
 
 
-def _serve(conn: Connection, engine: Engine) -> None:
+def _serve(conn: Connection, engine: Any) -> None:
     """Commands in, steps out: the pipe loop around ``Engine``."""
     last_stats = 0.0
     while True:
@@ -251,7 +291,7 @@ def _serve(conn: Connection, engine: Engine) -> None:
             command = conn.recv()
             if isinstance(command, protocol.Stop):
                 return
-            if isinstance(command, protocol.Add):
+            if isinstance(command, (protocol.Add, protocol.Embed)):
                 refused = engine.add(command)
                 if refused is not None:
                     updates.append(refused)

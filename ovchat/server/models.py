@@ -59,7 +59,7 @@ class PoolSettings:
     keep_alive_s: Optional[float]  # an idle model unloads after this long (None: never)
     max_concurrency: int  # per model
     max_queue: int  # per model
-    engine_spec: Callable[[Path], EngineSpec]  # how to start an engine of a model
+    engine_spec: Callable[[Path, str], EngineSpec]  # how to start an engine of a model (path, kind)
     pinned_keep_alive_s: Optional[float] = None  # the same for the -m models (None: they stay)
     context_limit: Optional[int] = None  # the window a user set (None: each model's own)
     on_pinned_failed: Callable[[str], None] = lambda message: None  # a -m model cannot be served
@@ -221,6 +221,21 @@ class ModelPool:
         self._facts[source.name] = facts
         return facts
 
+    def require(self, name: str, kind: str) -> ModelSource:
+        """The model ``name``, refused (before it is loaded) unless it is of ``kind``."""
+        source = self.source(name)
+        found = self.kind(source)
+        if found != kind:
+            use = "/v1/embeddings or /api/embed" if found == "embedding" else "/v1/chat/completions or /api/chat"
+            raise InvalidRequestError(f"{source.name} is {'an embedding' if found == 'embedding' else 'a chat'} model, "
+                                      f"not {'an embedding' if kind == 'embedding' else 'a chat'} model; use {use}",
+                                      "model", f"not_{kind}_model")
+        return source
+
+    def kind(self, source: ModelSource) -> str:
+        """``chat`` or ``embedding``, as the model's manifest says (a GGUF or a foreign IR: chat)."""
+        return str(self.facts(source).manifest.get("kind") or "chat")
+
     def loaded(self) -> List[ServedModel]:
         return [m for m in self._models.values() if m.client is not None]
 
@@ -295,7 +310,8 @@ class ModelPool:
             if model.source.pinned:
                 self.settings.on_pinned_failed(message)
 
-        client = EngineClient(self.settings.engine_spec(model.source.path), on_ready=settled, on_failed=failed)
+        client = EngineClient(self.settings.engine_spec(model.source.path, self.kind(model.source)),
+                              on_ready=settled, on_failed=failed)
         model.client, model.loaded_at = client, time.time()
         model.loads += 1
         model.context_limit = _window(model.source.path, self.settings.context_limit)

@@ -23,8 +23,8 @@ from starlette.routing import Route
 from ovchat import __version__
 from ovchat.errors import InvalidRequestError, OvchatError
 from ovchat.server.http import TOKENS, Stream, read_json, unless_client_leaves
-from ovchat.server.relay import Started, start
-from ovchat.server.schema import parse_chat, parse_completion
+from ovchat.server.relay import Started, embed as run_embed, start
+from ovchat.server.schema import parse_chat, parse_completion, parse_embeddings
 from ovchat.units import parse_duration
 
 # ollama's options -> the OpenAI field parse_chat reads (the rest are load-time settings of
@@ -242,6 +242,28 @@ async def _reply(request: Request, body: Mapping[str, Any], parsed: Any, kind: s
             started.release()
 
 
+# -- embeddings -----------------------------------------------------------------------------------
+
+async def embed(request: Request) -> Response:
+    """ollama's /api/embed: ``input`` a string or a list; ``truncate`` (default true) cuts inputs
+    longer than the window, false makes them an error."""
+    body = await read_json(request)
+    parsed = parse_embeddings(body if isinstance(body, dict) else {})
+    started = time.perf_counter()
+    name, result = await run_embed(request, parsed, keep_alive=_keep_alive(body))
+    return JSONResponse({"model": body.get("model"), "embeddings": [[float(x) for x in v] for v in result.vectors],
+                         "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
+                         "prompt_eval_count": sum(result.tokens)})
+
+
+async def embeddings(request: Request) -> Response:
+    """ollama's older /api/embeddings: one ``prompt``, one ``embedding`` (not normalized again)."""
+    body = await read_json(request)
+    parsed = parse_embeddings(body if isinstance(body, dict) else {}, field_name="prompt")
+    _, result = await run_embed(request, parsed, keep_alive=_keep_alive(body))
+    return JSONResponse({"embedding": [float(x) for x in result.vectors[0]]})
+
+
 # -- the models -----------------------------------------------------------------------------------
 
 def _details(facts: Any) -> Dict[str, Any]:
@@ -289,7 +311,7 @@ async def show(request: Request) -> Response:
     facts = pool.facts(source)
     manifest = facts.manifest
     arch = manifest.get("model_type") or "unknown"
-    capabilities = ["completion"]
+    capabilities = ["embedding"] if manifest.get("kind") == "embedding" else ["completion"]
     if "tools" in facts.chat_template:
         capabilities.append("tools")
     if "<think>" in facts.chat_template:
@@ -370,6 +392,8 @@ async def pull(request: Request) -> Response:
 ROUTES: List[Route] = [
     Route("/api/chat", chat, methods=["POST"]),
     Route("/api/generate", generate, methods=["POST"]),
+    Route("/api/embed", embed, methods=["POST"]),
+    Route("/api/embeddings", embeddings, methods=["POST"]),
     Route("/api/tags", tags, methods=["GET"]),
     Route("/api/show", show, methods=["POST"]),
     Route("/api/ps", ps, methods=["GET"]),

@@ -17,9 +17,9 @@ from starlette.routing import Route
 
 from ovchat.server.http import TOKENS, Stream, read_json, unless_client_leaves
 from ovchat.server.prepare import prompt_ids
-from ovchat.server.relay import Relay, start
+from ovchat.server.relay import Relay, embed, start
 from ovchat.server.responses import Renderer, usage
-from ovchat.server.schema import GenerationRequest, parse_chat, parse_completion, parse_tokenize
+from ovchat.server.schema import GenerationRequest, parse_chat, parse_completion, parse_embeddings, parse_tokenize
 
 
 async def chat_completions(request: Request) -> Response:
@@ -87,6 +87,7 @@ async def tokenize(request: Request) -> Response:
     template, or a plain text), with the window; `ovchat run` on the warm path counts its turns here."""
     parsed = parse_tokenize(await read_json(request))
     server = request.app.state.server
+    server.pool.require(parsed.model, "chat")
     lease = await unless_client_leaves(request, server.pool.acquire(parsed.model))
     try:
         model = lease.model
@@ -94,6 +95,23 @@ async def tokenize(request: Request) -> Response:
     finally:
         lease.release()
     return JSONResponse({"count": len(ids), "max_model_len": model.context_limit, "tokens": ids})
+
+
+async def embeddings(request: Request) -> Response:
+    """OpenAI's /v1/embeddings; each item also says whether its input was truncated to the
+    model's window (an ovchat field beside OpenAI's)."""
+    import base64
+
+    parsed = parse_embeddings(await read_json(request))
+    name, result = await embed(request, parsed)
+    data = []
+    for i, (vector, cut) in enumerate(zip(result.vectors, result.truncated)):
+        value = base64.b64encode(vector.astype("<f4").tobytes()).decode() if parsed.base64 else \
+            [float(x) for x in vector]
+        data.append({"object": "embedding", "index": i, "embedding": value, "truncated": cut})
+    tokens = sum(result.tokens)
+    return JSONResponse({"object": "list", "data": data, "model": name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
 async def models(request: Request) -> Response:
@@ -122,6 +140,7 @@ def model_card(server: Any, name: str) -> Dict[str, Any]:
 ROUTES: List[Route] = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/tokenize", tokenize, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", model, methods=["GET"]),

@@ -1,6 +1,6 @@
 """What the HTTP process and an engine process say to each other, as small frozen dataclasses.
 
-    HTTP -> engine   Add(rid, prompt_ids, settings)   Cancel(rid)   Stop()
+    HTTP -> engine   Add(rid, prompt_ids, settings)   Embed(rid, inputs, dimensions)   Cancel(rid)   Stop()
     engine -> HTTP   Ready(load_s, device, pid)   Fatal(message)   Step(updates, stats)
 
 An ``Update`` carries, for one request that made progress, its new tokens per output (with their
@@ -29,6 +29,15 @@ class Add:
     rid: int
     prompt_ids: Tuple[int, ...]
     settings: GenerationSettings
+
+
+@dataclass(frozen=True)
+class Embed:
+    """Texts (or token-id tuples) for an embedding model; ``dimensions`` cuts each vector."""
+
+    rid: int
+    inputs: Tuple[object, ...]
+    dimensions: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -70,14 +79,25 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class Embedded:
+    """An Embed request's answer: ``vectors`` [n, dimensions] float32, each input's tokens, and
+    which inputs were longer than the model's window (and cut)."""
+
+    vectors: object  # numpy array
+    tokens: Tuple[int, ...]
+    truncated: Tuple[bool, ...]
+
+
+@dataclass(frozen=True)
 class Update:
     """News of one request: new tokens by output index, outputs finished (``stop``/``length``),
-    or the failure that ended the whole request."""
+    an embedding request's answer, or the failure that ended the whole request."""
 
     rid: int
     outputs: Dict[int, Tokens] = field(default_factory=dict)
     finished: Dict[int, str] = field(default_factory=dict)
     failure: Optional[Failure] = None
+    embedded: Optional[Embedded] = None
 
 
 @dataclass(frozen=True)

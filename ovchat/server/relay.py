@@ -114,6 +114,7 @@ async def start(request: Request, parsed: GenerationRequest, keep_alive: Any = "
     generating; the caller releases what it returns (the route, or the stream once it ends)."""
     server = request.app.state.server
     arrived = time.perf_counter()
+    server.pool.require(parsed.model, "chat")
     lease = await unless_client_leaves(request, server.pool.acquire(parsed.model, keep_alive_s=keep_alive))
     try:
         model = lease.model
@@ -128,3 +129,29 @@ async def start(request: Request, parsed: GenerationRequest, keep_alive: Any = "
         raise
     return Started(lease, slot, Relay(client, prepared, n=parsed.n, logprobs=parsed.logprobs,
                                       metrics=server.metrics, arrived=arrived))
+
+
+async def embed(request: Request, parsed: Any, keep_alive: Any = "default") -> Tuple[str, Any]:
+    """An embeddings request answered by the embedding model it names (loaded if need be):
+    (the model's name, protocol.Embedded)."""
+    from ovchat.errors import InvalidRequestError
+
+    server = request.app.state.server
+    server.pool.require(parsed.model, "embedding")
+    lease = await unless_client_leaves(request, server.pool.acquire(parsed.model, keep_alive_s=keep_alive))
+    try:
+        model = lease.model
+        request.scope[MODEL] = model.name
+        slot = await unless_client_leaves(request, model.admission.acquire())
+        try:
+            result = await unless_client_leaves(request, model.client.embed(parsed.inputs, parsed.dimensions))
+        finally:
+            slot.release()
+    finally:
+        lease.release()
+    request.scope[TOKENS] = (sum(result.tokens), 0)
+    if not parsed.truncate and any(result.truncated):
+        first = result.truncated.index(True)
+        raise InvalidRequestError(f"input {first} is longer than the model's window; shorten it or allow truncate",
+                                  "input", "context_length_exceeded")
+    return model.name, result

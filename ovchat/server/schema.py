@@ -27,6 +27,7 @@ LIMITS = {
     "stop_length": 256,        # characters of one stop string
     "n": 8,                    # choices per request
     "tool_calls": 64,          # tool calls carried by one assistant message
+    "inputs": 2048,            # texts (or token-id lists) of one embeddings request, as OpenAI allows
 }
 _OPTION_FIELDS = {  # OpenAI field -> GenerationOptions field (top_k, repetition_penalty: vLLM's)
     "temperature": "temperature",
@@ -315,3 +316,48 @@ def _stop(value: Any) -> Tuple[str, ...]:
         raise InvalidRequestError(f"'stop' may hold at most {LIMITS['stop']} strings of at most {LIMITS['stop_length']} "
                   "characters", "stop")
     return tuple(value)
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """A /v1/embeddings (or ollama /api/embed) body: texts or token-id lists, and how to answer."""
+
+    model: str
+    inputs: List[Any]  # str, or a list of token ids
+    base64: bool = False
+    dimensions: Optional[int] = None
+    truncate: bool = True  # False: an input longer than the window is an error (ollama's truncate)
+
+
+def parse_embeddings(body: Mapping[str, Any], *, field_name: str = "input") -> EmbeddingRequest:
+    """OpenAI's embeddings body: ``input`` a string, a list of strings, a list of token ids or a
+    list of such lists; ``encoding_format`` float or base64; ``dimensions``."""
+    model = _model(body)
+    value = body.get(field_name)
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError(f"'{field_name}' must be a string, a list of strings or a list of token-id lists",
+                                  field_name)
+    if len(value) > LIMITS["inputs"]:
+        raise InvalidRequestError(f"'{field_name}' holds {len(value)} inputs; send at most {LIMITS['inputs']} per "
+                                  "request", field_name, "too_many_inputs")
+    for i, item in enumerate(value):
+        where = f"{field_name}[{i}]"
+        if isinstance(item, str):
+            if not item.strip():
+                raise InvalidRequestError(f"{where} is empty; give some text", where)
+        elif not (isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                              for t in item)):
+            raise InvalidRequestError(f"{where} must be a non-empty string or a non-empty list of token ids", where)
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        raise InvalidRequestError("'dimensions' must be a positive whole number", "dimensions")
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise InvalidRequestError("'truncate' must be true or false", "truncate")
+    return EmbeddingRequest(model, value, fmt == "base64", dimensions, truncate)
