@@ -194,6 +194,65 @@ def write_encoder(directory, arch: str, *, seed: int = 0, pooling: str = "mean",
     return out
 
 
+def write_encoder_gguf(path: Path, hf_dir: Path, qtype: str = "F32", pooling: int = 1) -> Path:
+    """The encoder at ``hf_dir`` as llama.cpp's converter writes it: tensor names from gguf-py's
+    own tensor map, the WordPiece vocabulary in llama.cpp's "phantom space" form (a word-initial
+    piece gets U+2581, a continuation loses its "##"), the pooling type (1 mean, 2 CLS) in the
+    metadata. bert and nomic-bert (nomic's names); matrices in ``qtype``, the rest F32."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    from ovchat.convert import safetensors
+
+    hf_dir = Path(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = "nomic-bert" if config["model_type"] == "nomic_bert" else "bert"
+    kind = gguf.MODEL_ARCH.NOMIC_BERT if arch == "nomic-bert" else gguf.MODEL_ARCH.BERT
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    names = gguf.get_tensor_name_map(kind, layers)
+    writer = gguf.GGUFWriter(str(path), arch)
+    metadata = {"embedding_length": config.get("hidden_size") or config["n_embd"], "block_count": layers,
+                "attention.head_count": config.get("num_attention_heads") or config["n_head"],
+                "feed_forward_length": config.get("intermediate_size") or config["n_inner"],
+                "context_length": config.get("max_position_embeddings") or config.get("n_positions"),
+                "pooling_type": pooling}
+    for key, value in metadata.items():
+        writer.add_uint32(f"{arch}.{key}", int(value))
+    writer.add_float32(f"{arch}.attention.layer_norm_epsilon",
+                       float(config.get("layer_norm_eps") or config["layer_norm_epsilon"]))
+    writer.add_bool(f"{arch}.attention.causal", False)
+    if arch == "nomic-bert":
+        writer.add_float32(f"{arch}.rope.freq_base", float(config.get("rotary_emb_base") or 1000))
+    spec = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    writer.add_string("tokenizer.ggml.model", "bert")
+    writer.add_array("tokenizer.ggml.tokens",
+                     [t if t in specials else t[2:] if t.startswith("##") else "\u2581" + t for t, _ in vocab])
+    writer.add_array("tokenizer.ggml.token_type", [3 if t in specials else 1 for t, _ in vocab])
+    for key, token in (("cls_token_id", "[CLS]"), ("seperator_token_id", "[SEP]"), ("padding_token_id", "[PAD]"),
+                       ("unknown_token_id", "[UNK]")):
+        writer.add_uint32(f"tokenizer.ggml.{key}", tok.token_to_id(token))
+    for name, weight in safetensors.load(hf_dir / "model.safetensors").items():
+        stem, _, part = name.rpartition(".")
+        mapped = names.get_name(stem)
+        if mapped is None:
+            raise ValueError(f"{name} has no llama.cpp name")
+        array = weight.to_float32()
+        kind_of = qtype if array.ndim == 2 and "embd" not in mapped and "types" not in mapped else "F32"
+        if kind_of in ("F32", "F16"):
+            writer.add_tensor(f"{mapped}.{part}", array.astype(np.float32 if kind_of == "F32" else np.float16))
+        else:
+            quant = getattr(gguf.GGMLQuantizationType, kind_of)
+            writer.add_tensor(f"{mapped}.{part}", gguf.quants.quantize(array, quant), raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)

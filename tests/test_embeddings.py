@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from encoder_reference import EncoderReference, encoder_gguf_from_hf
+from encoder_reference import EncoderReference
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_encoder import write_encoder  # noqa: E402
+from make_encoder import write_encoder, write_encoder_gguf  # noqa: E402
 
 from ovchat.convert import convert  # noqa: E402
 from ovchat.embeddings import Embedder  # noqa: E402
@@ -103,7 +103,7 @@ def test_embeddings_and_token_ids_match_the_reference(case, encoders):
 def test_llama_cpp_ggufs_of_the_same_weights(case, encoders, tmp_path):
     source, _ = encoders(case)
     pooling = {"mean": 1, "cls": 2}[CASES[case]["pooling"]]
-    gguf_path = encoder_gguf_from_hf(tmp_path / "m.gguf", source, pooling=pooling)
+    gguf_path = write_encoder_gguf(tmp_path / "m.gguf", source, pooling=pooling)
     out = convert(gguf_path, tmp_path / "ov", receipt=False)
     manifest = json.loads((out / "ovchat.json").read_text())
     assert manifest["embedding"]["mode"] == CASES[case]["pooling"]
