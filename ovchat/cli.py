@@ -255,11 +255,12 @@ def reply_shape(output_format: str, schema_file: Optional[str], tools_file: Opti
 
 
 def _json_file(path: str):
+    from ovchat.userfiles import read_text
+
+    text = read_text(path, what="JSON file", limit=1024 * 1024)
     try:
-        return json.loads(open(path, encoding="utf-8").read())
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, ValueError) as e:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise InputError(f"{path} is not JSON ({str(e)[:120]})") from None
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ovchat.errors import DamagedModelError, ModelNotFoundError, StorageError
+from ovchat.errors import DamagedModelError, ModelNotFoundError, OutputExistsError, StorageError
 from ovchat.machine import process_alive
 
 # The files of a model directory, named once for every module that reads or writes them.
@@ -120,12 +120,42 @@ def damage(path: Path, *, full: bool = False) -> List[str]:
 
 # -- putting a finished directory in place ------------------------------------------------------
 
-def install_directory(work: Path, target: Path) -> None:
+def replaceable(target: Path) -> Optional[str]:
+    """Why ``target`` must not be replaced by a model ovchat writes, or None if it may: only an
+    empty directory or a model directory ovchat made (its manifest says so) may go. A user's
+    folder of documents, a symbolic link, a file, anything else is never deleted."""
+    if not target.exists() and not target.is_symlink():
+        return None
+    if target.is_symlink() or not target.is_dir():
+        return f"{target} is not a model directory ovchat made"
+    try:
+        entries = [p.name for p in target.iterdir()]
+    except OSError as e:
+        return f"{target} cannot be read ({e.strerror})"
+    if not entries:
+        return None
+    try:
+        manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and "manifest_version" in manifest:
+        return None
+    return f"{target} holds files ovchat did not make ({', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''})"
+
+
+def install_directory(work: Path, target: Path, *, replace: bool = True) -> None:
     """Move the complete directory ``work`` to ``target`` (same file system), replacing an
     existing ``target`` only at the last moment: the old one is renamed aside, the new one
     renamed in, and only then is the old one deleted; if the second rename fails the old one
-    is put back. At no moment is there neither model. A symbolic link at ``target`` is replaced,
-    never followed."""
+    is put back. At no moment is there neither model. Only what ``replaceable`` allows is ever
+    replaced; with ``replace`` False, a ``target`` that appeared meanwhile (another conversion,
+    a folder the user made) is kept and OutputExistsError raised."""
+    if not replace and (target.exists() or target.is_symlink()):
+        raise OutputExistsError(f"{target} appeared while converting; it was kept. Choose another OUTPUT, "
+                                "or pass --force to replace it")
+    refused = replaceable(target)
+    if refused is not None:
+        raise OutputExistsError(f"{refused}; it was kept. Choose another OUTPUT")
     old = None
     if target.exists() or target.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -141,10 +171,7 @@ def install_directory(work: Path, target: Path) -> None:
             os.replace(old, target)
         raise StorageError(f"could not move the new model into {target} ({e.strerror}); check permissions") from None
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+        shutil.rmtree(old, ignore_errors=True)
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,27 +205,25 @@ class ChatSession:
         """Write the conversation and options as JSON."""
         data = {"format": CONVERSATION_FORMAT, "version": 1, "model": str(self.model_path),
                 "options": self.options.as_dict(), "messages": self._messages}
-        path = Path(path).expanduser()
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            # Written beside and renamed, so an existing file is never left half-overwritten.
-            partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(partial, path)
-        except OSError as e:
-            partial.unlink(missing_ok=True)
-            raise InputError(f"could not write {path}: {e.strerror}") from None
+        from ovchat.userfiles import write_text
+
+        write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation (and options) with one written by ``save``."""
+        from ovchat.userfiles import read_text
+
         path = Path(path).expanduser()
+        text = read_text(path, what="conversation saved by ovchat")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise InputError(f"could not read {path}: {e.strerror}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
             raise InputError(f"{path} is not a conversation saved by ovchat (not JSON, or nested too deeply)") from None
         if not isinstance(data, dict) or data.get("format") != CONVERSATION_FORMAT:
             raise InputError(f"{path} is not a conversation saved by ovchat")
+        if data.get("version") != 1:
+            raise InputError(f"{path} was saved by another version of ovchat (format version "
+                             f"{data.get('version')!r}; this one reads 1)")
         messages = data.get("messages")
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)

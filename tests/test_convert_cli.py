@@ -31,14 +31,17 @@ def run_convert(*args, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT)
 
 
-def assert_one_line_failure(done: subprocess.CompletedProcess, output: Path, match: str) -> None:
+def assert_one_line_failure(done: subprocess.CompletedProcess, output: Path, match: str, *,
+                            existed: bool = False) -> None:
+    """One "Error:" line, last, naming ``match``; no OUTPUT left (or, where it ``existed``, only
+    what was there) and no partial directory beside it."""
     err = done.stderr
     assert done.returncode != 0, err
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0], err
     assert match in errors[0], errors[0]
-    assert not output.exists()
+    assert existed or not output.exists()
     assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")], \
         list(output.parent.iterdir())
 
@@ -108,6 +111,40 @@ def test_existing_output_needs_force(tmp_path, tiny_hf):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.rstrip().splitlines()[-1].startswith("Error:") and "--force" in done.stderr
     assert (out / "keep.txt").read_text() == "mine"  # untouched
+
+
+def test_force_never_deletes_what_ovchat_did_not_make(tmp_path, tiny_hf):
+    # A folder of the user's documents, and a folder holding SOURCE itself: --force refuses both,
+    # in one line, and every file stays.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    done = run_convert(tiny_hf, docs, "--force")
+    assert_one_line_failure(done, docs, "ovchat did not make", existed=True)
+    assert (docs / "thesis.txt").read_text() == "years of work"
+    holder = tmp_path / "p"
+    shutil.copytree(tiny_hf, holder / "src")
+    done = run_convert(holder / "src", holder, "--force")
+    assert_one_line_failure(done, holder, "holds SOURCE", existed=True)
+    assert sorted(p.name for p in (holder / "src").iterdir()) == sorted(p.name for p in Path(tiny_hf).iterdir())
+
+
+def test_a_folder_that_appears_during_a_conversion_is_kept(tmp_path):
+    # Without --force, OUTPUT is checked at the start and again at the final rename: what another
+    # process (or the user) put there meanwhile wins, and the new model is not moved over it.
+    from ovchat.errors import OutputExistsError
+    from ovchat.modelfiles import install_directory
+
+    work, target = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "ovchat.json").write_text("{}")
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="kept"):
+        install_directory(work, target, replace=False)
+    with pytest.raises(OutputExistsError, match="did not make"):
+        install_directory(work, target, replace=True)
+    assert (target / "notes.txt").read_text() == "mine" and (work / "ovchat.json").exists()
 
 
 def test_bad_option_is_refused_before_work(tmp_path, tiny_hf):

@@ -39,6 +39,42 @@ def test_multi_turn_context_clear_save_and_load(demo_model, tmp_path):
     assert "Traceback" not in err
 
 
+def test_save_and_load_refuse_hostile_paths_and_keep_the_conversation(demo_model, tmp_path):
+    # Each bad /save or /load is one line on stderr; the REPL, the conversation and the files
+    # already there all survive, and nothing reads without bound or waits on a FIFO.
+    import os
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    link = tmp_path / "link.json"
+    link.symlink_to(precious)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({"format": "ovchat-conversation", "version": 99, "messages": []}))
+    good = tmp_path / "good.json"
+    out, err = chat(
+        "My name is Zork.\n"
+        f"/save {a_file}/x.json\n"
+        f"/save {link}\n"
+        f"/save {tmp_path}\n"
+        "/load /dev/zero\n"
+        f"/load {fifo}\n"
+        f"/load {future}\n"
+        f"/save {good}\n"
+        "/bye\n",
+        "--max-new-tokens", "8")
+    assert "Traceback" not in err
+    assert "could not write" in err and "symbolic link" in err and "directory" in err
+    assert err.count("not a regular file") == 2 and "another version of ovchat" in err
+    assert precious.read_text() == "keep me" and link.is_symlink() and a_file.read_text() == "not a directory"
+    saved = json.loads(good.read_text())
+    assert saved["messages"][0]["content"] == "My name is Zork."  # the conversation survived it all
+    assert not list(tmp_path.glob(".*partial*"))
+
+
 def test_multiline_input_system_set_and_stats(demo_model):
     out, err = chat(
         '"""\nWhat is the capital\nof France?\n"""\n'

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 from ovchat.errors import CheckpointError, ConversionError, OutputExistsError
 from ovchat.interrupts import sigterm_as_interrupt
 from ovchat.machine import installed_versions
-from ovchat.modelfiles import MANIFEST, MODEL_XML, TOKENIZER_FILES, install_directory, sha256, storage_error
+from ovchat.modelfiles import (MANIFEST, MODEL_XML, TOKENIZER_FILES, install_directory, replaceable, sha256,
+                               storage_error)
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 __all__ = ["convert", "Recipe", "MANIFEST", "read_manifest"]
@@ -72,6 +73,12 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
         raise OutputExistsError(f"{output} already exists; pass --force to replace it, or choose another OUTPUT")
     if output == source_path or source_path in output.parents:
         raise ConversionError(f"OUTPUT {output} must not be SOURCE or lie inside it; choose another OUTPUT")
+    if output in source_path.parents:
+        raise ConversionError(f"OUTPUT {output} holds SOURCE; choose another OUTPUT")
+    refused = replaceable(output)
+    if refused is not None:  # --force replaces only a model ovchat made, or an empty folder
+        raise OutputExistsError(f"{refused}; --force replaces only a model directory ovchat made. "
+                                "Choose another OUTPUT")
 
     started = time.time()
     progress(Progress("read", f"reading {source_path}"))
@@ -100,7 +107,7 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
             kind = {"kind": "chat"} if pooling is None else {"kind": "embedding", "embedding": pooling}
             _write_manifest(work, checkpoint, recipe, built, measured, hashes, started, {**kind, **(manifest_extra or {})})
             progress(Progress("save", f"moving the model into {output}"))
-            install_directory(work, output)
+            install_directory(work, output, replace=force)
     except BaseException as e:
         # Interrupts included: the partial directory must never outlive the conversion.
         hasher.shutdown(wait=False, cancel_futures=True)

@@ -59,7 +59,7 @@ def export_hf(source, output, *, force: bool = False, shard_bytes: int = SHARD_B
             json.dumps(checkpoint.generation_config or {}, indent=2) + "\n", encoding="utf-8")
         progress(Progress("tokenizer", "writing tokenizer.json"))
         write_gguf_tokenizer_files(checkpoint, tmp)
-        install_directory(tmp, output)
+        install_directory(tmp, output, replace=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
