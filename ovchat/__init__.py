@@ -6,6 +6,9 @@ Public API::
     session = ChatSession()            # the default model, on the best device
     print(session.send("Hello!"))
 
+    from ovchat import Embedder
+    vectors = Embedder("all-mpnet-base-v2").encode(["Hello!"])
+
     from ovchat.convert import convert  # needs the convert extra
     convert("model.gguf", "out/model")
 
@@ -28,12 +31,14 @@ _LAZY = {
     "TurnMetrics": "ovchat.session",
     "GenerationOptions": "ovchat.options",
     "OvchatError": "ovchat.errors",
+    "Embedder": "ovchat.embeddings",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from ovchat.session import ChatSession, Reply, Response, TurnMetrics
+    from ovchat.embeddings import Embedder
     from ovchat.errors import OvchatError
     from ovchat.options import GenerationOptions
 

@@ -698,9 +698,9 @@ def serve(models, device, max_context, host, port, api_key, max_memory, max_load
     A request's "model" names any model in the store (or one given with -m); it is loaded on
     first use, in an engine process of its own, and unloaded when idle for --keep-alive or to make
     room within --max-memory. OpenAI: POST /v1/chat/completions (tools, JSON output, logprobs, n),
-    /v1/completions, GET /v1/models. ollama: /api/chat, /api/generate, /api/tags, /api/show,
-    /api/ps, /api/pull, /api/version. GET /health, GET /metrics (Prometheus). One log line per
-    request goes to stderr. Needs the serve extra.
+    /v1/completions, /v1/embeddings, GET /v1/models. ollama: /api/chat, /api/generate, /api/embed,
+    /api/embeddings, /api/tags, /api/show, /api/ps, /api/pull, /api/version. GET /health, GET
+    /metrics (Prometheus). One log line per request goes to stderr. Needs the serve extra.
     """
     import logging
 

@@ -231,6 +231,8 @@ def write_encoder_gguf(path: Path, hf_dir: Path, qtype: str = "F32", pooling: in
     writer.add_array("tokenizer.ggml.tokens",
                      [t if t in specials else t[2:] if t.startswith("##") else "\u2581" + t for t, _ in vocab])
     writer.add_array("tokenizer.ggml.token_type", [3 if t in specials else 1 for t, _ in vocab])
+    if "type_vocab_size" in config:  # llama.cpp refuses a BERT without it, as its converter writes it
+        writer.add_token_type_count(int(config["type_vocab_size"]))
     for key, token in (("cls_token_id", "[CLS]"), ("seperator_token_id", "[SEP]"), ("padding_token_id", "[PAD]"),
                        ("unknown_token_id", "[UNK]")):
         writer.add_uint32(f"tokenizer.ggml.{key}", tok.token_to_id(token))
