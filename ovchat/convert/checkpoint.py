@@ -77,3 +77,17 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object; re-download it")
     return data
+
+
+def config_fields(args_class, config: dict) -> dict:
+    """The values of ``config`` that the dataclass ``args_class`` (an architecture's ModelArgs,
+    fields named as in config.json) takes; CheckpointError naming the required ones it lacks."""
+    import dataclasses
+
+    fields = dataclasses.fields(args_class)
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in config]
+    if missing:
+        raise CheckpointError(f"config.json lacks {', '.join(missing)}; use the checkpoint's original config.json")
+    names = {f.name for f in fields}
+    return {k: v for k, v in config.items() if k in names}
+

@@ -8,14 +8,13 @@ without the ``bert.`` prefix a BertForMaskedLM checkpoint adds.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import openvino as ov
 
 from ovchat.convert import graph
 from ovchat.convert.models.llama import getter, shared
-from ovchat.errors import CheckpointError
+from ovchat.convert.checkpoint import config_fields
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 
@@ -33,11 +32,7 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in config]
-        if missing:
-            raise CheckpointError(f"config.json lacks {', '.join(missing)}; use the checkpoint's original config.json")
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return cls(**config_fields(cls, config))
 
 
 def build(checkpoint, *, progress: ProgressCallback = ignore) -> ov.Model:

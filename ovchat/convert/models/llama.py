@@ -6,7 +6,6 @@ mistral, qwen2, qwen3, smollm3 and phi3 reuse ``decoder`` with their own config 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -14,6 +13,7 @@ import openvino as ov
 
 from ovchat.convert import graph
 from ovchat.convert.tensors import Weight
+from ovchat.convert.checkpoint import config_fields
 from ovchat.errors import CheckpointError
 from ovchat.progress import Progress, ProgressCallback, ignore
 
@@ -41,12 +41,7 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in config]
-        if missing:
-            raise CheckpointError(f"config.json lacks {', '.join(missing)}; use the checkpoint's original config.json")
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return cls(**config_fields(cls, config))
 
     @property
     def kv_heads(self) -> int:

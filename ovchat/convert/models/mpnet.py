@@ -14,7 +14,6 @@ Names as Hugging Face's MPNetModel saves them, with or without the ``mpnet.`` pr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import openvino as ov
 
 from ovchat.convert import graph
 from ovchat.convert.models.llama import getter, shared
-from ovchat.errors import CheckpointError
+from ovchat.convert.checkpoint import config_fields
 from ovchat.progress import Progress, ProgressCallback, ignore
 
 _MAX_DISTANCE = 128  # transformers' relative_position_bucket default
@@ -44,11 +43,7 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in config]
-        if missing:
-            raise CheckpointError(f"config.json lacks {', '.join(missing)}; use the checkpoint's original config.json")
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return cls(**config_fields(cls, config))
 
 
 def bucket_table(max_length: int, num_buckets: int) -> np.ndarray:
