@@ -356,7 +356,8 @@ def make_recipe(weight_format: str, sym: Optional[bool], group_size: Optional[in
 @click.argument("source")
 @click.argument("output")
 @recipe_options
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new model is complete).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is a model ovchat made or an empty folder "
+              "(only once the new model is complete); any other folder is kept.")
 @_with_families
 def convert(source, output, force, receipt, **recipe):
     """Convert SOURCE into the OpenVINO model directory OUTPUT, without PyTorch.
