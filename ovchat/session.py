@@ -221,7 +221,7 @@ class ChatSession:
             raise InputError(f"{path} is not a conversation saved by ovchat (not JSON, or nested too deeply)") from None
         if not isinstance(data, dict) or data.get("format") != CONVERSATION_FORMAT:
             raise InputError(f"{path} is not a conversation saved by ovchat")
-        if data.get("version") != 1:
+        if data.get("version", 1) != 1:
             raise InputError(f"{path} was saved by another version of ovchat (format version "
                              f"{data.get('version')!r}; this one reads 1)")
         messages = data.get("messages")

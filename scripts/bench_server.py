@@ -168,8 +168,9 @@ def engine_rss(url: str) -> int:
 
 def memory(args) -> None:
     words = "the of and to in is was for on that with as by at from his her an be it this are".split()
-    for way, extra in (("fixed 2 GB pool, no prefix cache", ("--kv-cache-gb", "2", "--no-prefix-cache")),
-                       ("defaults (the cache grows, prefix cache on)", ())):
+    ways = (("fixed 2 GB pool, no prefix cache", ("--kv-cache-gb", "2", "--no-prefix-cache")),
+            ("defaults (the cache grows, prefix cache on)", ()))
+    for way, extra in ways[1:] if args.defaults_only else ways:
         proc, url = start(args.model, "--max-concurrency", "4", *extra)
         try:
             wait_ready(url)
@@ -244,6 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("what", choices=["conversation", "memory", "contention"])
     parser.add_argument("-m", "--model", default="smollm2-135m")
     parser.add_argument("--requests", type=int, default=500, help="memory: requests sent")
+    parser.add_argument("--defaults-only", action="store_true", help="memory: only the new defaults")
     parser.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="contention: busy processes")
     args = parser.parse_args(argv)
     {"conversation": conversation, "memory": memory, "contention": contention}[args.what](args)

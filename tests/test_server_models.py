@@ -54,8 +54,10 @@ def test_two_models_through_one_endpoint_loaded_on_first_use(store_server, demo_
         assert "Paris" in reply.message.content and reply.done_reason == "stop" and reply.eval_count > 0
         openai_reply = store_server.client().chat.completions.create(model=name, messages=QUESTION)
         assert openai_reply.choices[0].message.content == reply.message.content  # both greedy, one model
-    assert {demo_model.name, qwen_model.name} <= set(loaded(store_server))
-    assert "loading " + qwen_model.name in store_server.log()
+    # Each was loaded on its first use. (Whether both are still loaded now depends on how long the
+    # last replies took against the 4 s keep-alive: on a busy machine qwen may have gone already.)
+    log = store_server.log()
+    assert "loading " + demo_model.name in log and "loading " + qwen_model.name in log
 
 
 def test_keep_alive_counts_from_idle_and_a_request_can_set_its_own(store_server, demo_model, qwen_model):
