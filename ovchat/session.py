@@ -108,7 +108,7 @@ class Response:
 class ChatSession:
     """A conversation with a local model.
 
-    >>> session = ChatSession(system="Answer briefly.")
+    >>> session = ChatSession(system="Answer in one sentence.")
     >>> session.send("What is the capital of France?")
     'The capital of France is Paris.'
 
