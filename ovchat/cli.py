@@ -690,9 +690,11 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
                    "answers loopback names only, so web pages cannot reach it through DNS rebinding.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from this origin call the API (repeatable; '*' for any). Off by default.")
+@click.option("--web/--no-web", default=True, show_default=True,
+              help="Serve the chat page at / (a browser on the box's address chats with the models).")
 @speculation_options
 def serve(models, device, max_context, host, port, api_key, max_memory, max_loaded, keep_alive, max_concurrency,
-          max_queue, kv_cache_gb, prefill_chunk, niceness, prefix_cache, allow_hosts, cors_origins, prompt_lookup,
+          max_queue, kv_cache_gb, prefill_chunk, niceness, prefix_cache, allow_hosts, cors_origins, web, prompt_lookup,
           draft_model, speculate_tokens, lookup_ngram):
     """Serve the store's models over HTTP, with the OpenAI and the ollama APIs.
 
@@ -701,7 +703,8 @@ def serve(models, device, max_context, host, port, api_key, max_memory, max_load
     room within --max-memory. OpenAI: POST /v1/chat/completions (tools, JSON output, logprobs, n),
     /v1/completions, /v1/embeddings, GET /v1/models. ollama: /api/chat, /api/generate, /api/embed,
     /api/embeddings, /api/tags, /api/show, /api/ps, /api/pull, /api/version. GET /health, GET
-    /metrics (Prometheus). One log line per request goes to stderr. Needs the serve extra.
+    /metrics (Prometheus). A chat page for browsers at / (--no-web leaves it out). One log line
+    per request goes to stderr. Needs the serve extra.
     """
     import logging
 
@@ -726,6 +729,7 @@ def serve(models, device, max_context, host, port, api_key, max_memory, max_load
                            context_limit=max_context, allow_hosts=list(allow_hosts), cors_origins=list(cors_origins),
                            keep_alive_s=keep_alive_s, pinned_keep_alive_s=keep_alive_s if keep_pinned else None,
                            max_memory=budget, max_loaded=max_loaded, niceness=niceness, prefix_cache=prefix_cache,
+                           web=web,
                            speculation=make_speculation(prompt_lookup, draft_model, speculate_tokens, lookup_ngram))
     try:
         run_server(paths, chosen, compile_properties(chosen, compile_cache_dir()), options)

@@ -5,6 +5,7 @@
     ollama.py      the ollama API (chat, generate, tags, show, ps, pull, version)
     http.py        the HTTP edge: JSON bodies in, domain errors to statuses, SSE/NDJSON streams out
     middleware.py  access log, Host check, CORS, API key
+    web.py         the chat page at / (web/: its HTML, script and style, no build step)
     schema.py      OpenAI request bodies -> GenerationRequest (with a bound on everything)
     prepare.py     a GenerationRequest made ready for a model: template, tokens, window, settings
     relay.py       a request's generation: the model taken, a slot, the tokens turned into choices
@@ -80,6 +81,7 @@ class ServeOptions:
     niceness: int = 0  # > 0: the engines yield the CPU to everything else on the box
     prefix_cache: bool = True  # off: every request is prefilled from its first token (for measurements)
     speculation: Optional[Speculation] = None  # prompt lookup (every model) or a draft model (the -m model)
+    web: bool = True  # the chat page at /
 
 
 def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, str], options: ServeOptions, *,
@@ -133,11 +135,12 @@ def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, st
     settings = ServerSettings(
         api_key=options.api_key,
         allowed_hosts=list(options.allow_hosts) if _loopback(bound_host) else (options.allow_hosts or None),
-        cors_origins=list(options.cors_origins), grace_s=GRACE_S)
+        cors_origins=list(options.cors_origins), grace_s=GRACE_S, web=options.web)
     # Announced so that `ovchat run` and `ovchat chat` of a model it serves use it (the warm path),
     # and withdrawn when the app stops: uvicorn ends a SIGTERM'd process by re-raising the signal.
+    discovery_url = f"http://{_client_host(bound_host)}:{bound_port}"
     announced = discovery.register(discovery.ServerInfo(
-        url=f"http://{_client_host(bound_host)}:{bound_port}", pid=os.getpid(),
+        url=discovery_url, pid=os.getpid(),
         models={str(s.path.resolve()): s.name for s in pinned}, store=str(models_dir().resolve()),
         key_required=bool(options.api_key), device=device.name))
     app = create_app(pool, settings, on_stopped=lambda: discovery.unregister(announced))
@@ -151,6 +154,11 @@ def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, st
     on_notice(f"listening on http://{shown}:{bound_port} (the store's models and the OpenAI and ollama APIs, "
               f"{device.name}, {options.max_concurrency} requests at once per model, memory budget "
               f"{budget >> 20} MB; {loading})")
+    if options.web:
+        page = f"{discovery_url}/"
+        wildcard = bound_host in ("0.0.0.0", "::", "")
+        on_notice(f"chat page: {page}" + (f" (from other machines: this box's address, port {bound_port})"
+                                          if wildcard else ""))
     if not options.api_key and not _loopback(bound_host):
         on_notice(f"no API key: anyone who can reach {bound_host}:{bound_port} can use the models "
                   "(set --api-key or OVCHAT_API_KEY)")

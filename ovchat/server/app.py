@@ -3,7 +3,7 @@ and the life of the model pool (loading the -m models, keep-alive sweeps, a grac
 
 Requests pass, outermost first, through the access log (one line each, and the metrics), the
 Host check (a loopback server answers only loopback names: DNS rebinding), CORS (off unless asked
-for), the API-key check, and the route (``openai``, ``ollama``). Domain errors become HTTP answers
+for), the API-key check, and the route (``openai``, ``ollama``, the chat page ``web``). Domain errors become HTTP answers
 at the edge (``http``), in the shape of the API the client speaks.
 """
 
@@ -42,6 +42,7 @@ class ServerSettings:
     allowed_hosts: Optional[List[str]] = None  # None: no Host check (not bound to loopback)
     cors_origins: List[str] = field(default_factory=list)
     grace_s: float = 5.0
+    web: bool = True  # the chat page at /
 
 
 @dataclass
@@ -161,11 +162,17 @@ def create_app(pool: ModelPool, settings: ServerSettings, *, on_stopped: Callabl
 
     routes = [*openai.ROUTES, *ollama.ROUTES, Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics_route, methods=["GET"]), *(extra_routes or [])]
+    open_paths = ["/health"]
+    if settings.web:
+        from ovchat.server import web
+
+        routes += web.routes()
+        open_paths += web.PATHS
     middleware = [Middleware(AccessLog, metrics=metrics, routes=[r.path for r in routes]),
                   Middleware(HostCheck, allowed=settings.allowed_hosts)]
     if settings.cors_origins:
         middleware.append(Middleware(CORS, origins=settings.cors_origins))
-    middleware.append(Middleware(RequireKey, key=settings.api_key))
+    middleware.append(Middleware(RequireKey, key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=routes, middleware=middleware, lifespan=lifespan,
         exception_handlers={APIError: on_request_error, RequestError: on_request_error, HTTPException: on_http_error,

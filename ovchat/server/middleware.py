@@ -16,7 +16,6 @@ from ovchat.server.http import LEFT, MODEL, TOKENS, error_response
 from ovchat.server.metrics import Metrics
 
 access_log = logging.getLogger("ovchat.server.access")
-UNPROTECTED = ("/health",)
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
@@ -131,14 +130,16 @@ class CORS:
 
 
 class RequireKey:
-    """With an API key, every route but /health needs ``Authorization: Bearer KEY`` (else 401)."""
+    """With an API key, every route but ``open_paths`` (/health, the chat page's files) needs
+    ``Authorization: Bearer KEY`` (else 401)."""
 
-    def __init__(self, app: Any, key: Optional[str]):
+    def __init__(self, app: Any, key: Optional[str], open_paths: Sequence[str] = ("/health",)):
         self.app = app
         self.key = key.encode() if key else None
+        self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or self.key is None or scope["path"] in UNPROTECTED:
+        if scope["type"] != "http" or self.key is None or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, given = header.partition(b" ")

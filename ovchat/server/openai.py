@@ -133,7 +133,7 @@ def model_card(server: Any, name: str) -> Dict[str, Any]:
     facts = server.pool.facts(source)
     return {"id": source.name, "object": "model", "created": int(facts.modified), "owned_by": "ovchat",
             "max_model_len": facts.context_limit,
-            "ovchat": {"loaded": served.client is not None, "state": served.state,
+            "ovchat": {"loaded": served.client is not None, "state": served.state, "kind": server.pool.kind(source),
                        "chat_template": bool(facts.chat_template)}}
 
 
