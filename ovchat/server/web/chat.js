@@ -40,6 +40,7 @@ function saveConversations() {
 }
 
 function newConversation() {
+  if (current && !current.messages.length) return open(current); // already a new one
   const last = current || conversations[0];
   const c = {
     id: crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random().toString(16).slice(2),
@@ -281,6 +282,8 @@ function remove(c) {
 }
 
 function open(c) {
+  // A conversation left without a message is not worth keeping in the list.
+  conversations = conversations.filter((x) => x === c || x.messages.length);
   current = c;
   ui.system.value = c.system || "";
   ui.temperature.value = c.options.temperature;
