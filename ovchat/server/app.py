@@ -3,8 +3,8 @@ and the life of the model pool (loading the -m models, keep-alive sweeps, a grac
 
 Requests pass, outermost first, through the access log (one line each, and the metrics), the
 Host check (a loopback server answers only loopback names: DNS rebinding), CORS (off unless asked
-for), the API-key check, and the route (``openai``, ``ollama``, the chat page ``web``). Domain errors become HTTP answers
-at the edge (``http``), in the shape of the API the client speaks.
+for), the API-key check, and the route (``openai``, ``ollama``, the chat page ``web``). Domain
+errors become HTTP answers at the edge (``http``), in the shape of the API the client speaks.
 """
 
 from __future__ import annotations
