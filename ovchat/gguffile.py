@@ -22,6 +22,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 
 
 class FormatError(ValueError):
@@ -64,6 +65,11 @@ class GGUFFile:
             self.version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
             if self.version < 2:
                 raise FormatError(f"{self.path} is GGUF version {self.version}; only version 2 and later are read")
+            # Each key/value takes at least 12 bytes and each tensor description 24: larger counts
+            # are lies that would otherwise size a loop or an allocation.
+            if n_kv * 12 > len(m) or n_tensors * 24 > len(m):
+                raise FormatError(f"{self.path} has a corrupt or truncated GGUF header ({n_tensors} tensors and {n_kv} keys "
+                                  f"in {len(m)} bytes)")
             pos = 24
             self.fields: Dict[str, Any] = {}
             for _ in range(n_kv):
@@ -76,14 +82,18 @@ class GGUFFile:
                 for _ in range(n_tensors):
                     name, pos = _string(m, pos)
                     (n_dims,) = struct.unpack_from("<I", m, pos)
+                    if n_dims > _MAX_DIMS:
+                        raise struct.error(f"tensor {name!r} has {n_dims} dimensions")
                     dims = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
                     type_id, offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
                     pos += 4 + 8 * n_dims + 12
                     infos.append((name, tuple(int(d) for d in dims), int(type_id), int(offset)))
-                alignment = int(self.fields.get("general.alignment") or _DEFAULT_ALIGNMENT)
+                alignment = self.fields.get("general.alignment") or _DEFAULT_ALIGNMENT
+                if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+                    raise FormatError(f"{self.path} has a corrupt GGUF header (alignment {alignment!r})")
                 start = -(-pos // alignment) * alignment
                 self.tensors = [TensorInfo(n, d, t, start + o) for n, d, t, o in infos]
-        except (struct.error, UnicodeDecodeError, KeyError, OverflowError, MemoryError):
+        except (struct.error, UnicodeDecodeError, KeyError, OverflowError, MemoryError, RecursionError):
             self.close()
             raise FormatError(f"{self.path} has a corrupt or truncated GGUF header") from None
         except FormatError:

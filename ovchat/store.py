@@ -257,6 +257,10 @@ def resolve_model(spec: Optional[str] = None, *, progress: ProgressCallback = ig
     path = Path(spec).expanduser()
     if path.exists() or os.sep in spec or spec.endswith(".gguf"):
         check_model(path)
+        if path.is_file():  # GenAI reads it: every field it trusts is checked first
+            from ovchat.ggufcheck import check_gguf
+
+            check_gguf(path)
         if path.is_dir() and (path / MANIFEST).is_file():
             problems = damage(path)
             if problems:

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ovchat import pages
+from ovchat.ggufcheck import container_problem
 from ovchat.gguffile import FormatError, GGUFFile, TensorInfo
 from ovchat.convert.checkpoint import Checkpoint
 from ovchat.convert.families import BY_GGUF, Family, gguf_family
@@ -383,6 +384,10 @@ def open_gguf(path: Path, *, keep_quantized: bool = False) -> GGUFCheckpoint:
         raise CheckpointError(f"{e}; re-download it") from None
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
+    problem = container_problem(file)
+    if problem is not None:
+        file.close()
+        raise CheckpointError(f"{path} is not a usable GGUF model: {problem}")
     fields = file.field
 
     arch = fields("general.architecture", None)
