@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 from ovchat.errors import InvalidRequestError
+from ovchat.schemacheck import check_schema
 from ovchat.toolcalls import MAX_SCHEMA_BYTES, ToolPlan, call_prefix
 
 
@@ -51,6 +52,7 @@ def parse_response_format(fmt: Any) -> Optional[ResponseFormat]:
         if len(json.dumps(spec["schema"])) > MAX_SCHEMA_BYTES:
             raise InvalidRequestError(f"'response_format.json_schema.schema' is larger than {MAX_SCHEMA_BYTES} bytes",
                       "response_format.json_schema")
+        check_schema(spec["schema"], "response_format.json_schema.schema")
         name = spec.get("name")
         return ResponseFormat("json_schema", spec["schema"], name if isinstance(name, str) else None)
     raise InvalidRequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ovchat.errors import InvalidRequestError
+from ovchat.schemacheck import check_schema
 
 MAX_TOOLS = 128  # functions offered at once (OpenAI's limit)
 MAX_SCHEMA_BYTES = 65536  # one function's parameters schema, as JSON
@@ -90,6 +91,7 @@ def parse_tools(tools: Any) -> Tuple[Tool, ...]:
         if len(json.dumps(parameters)) > MAX_SCHEMA_BYTES:
             raise InvalidRequestError(f"{where}.function.parameters is larger than {MAX_SCHEMA_BYTES} bytes",
                       f"{where}.function.parameters")
+        check_schema(parameters, f"{where}.function.parameters")
         out.append(Tool(name, description, parameters))
     return tuple(out)
 

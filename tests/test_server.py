@@ -471,6 +471,52 @@ def test_json_schema_reply_validates_and_json_object_is_an_object(server):
     assert whole.choices[0].finish_reason == "length" or isinstance(json.loads(whole.choices[0].message.content), dict)
 
 
+BAD_SCHEMAS = [{"type": "strnig"}, {"type": 5}, {"type": "integer", "minimum": 5, "maximum": 1},
+               {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, {"type": "string", "pattern": "(["},
+               {"type": "array", "minItems": 3, "maxItems": 1}, {"type": "object", "properties": []}]
+
+
+@pytest.mark.slow
+def test_a_bad_schema_is_its_own_400_and_streams_beside_it_finish(server):
+    """A schema GenAI's grammar compiler rejects used to fail the engine's whole step (a 503 to
+    its sender, and every stream batched with it cut off): now it is refused when parsed."""
+    body = {"model": server.model, "messages": [{"role": "user", "content": "Count from 1 to 40."}],
+            "max_tokens": 60, "stream": True}
+    with httpx2.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120,
+                       headers={"Authorization": f"Bearer {KEY}"}) as running:
+        lines = running.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        for schema in BAD_SCHEMAS:
+            fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+            assert_error(server.post("/v1/chat/completions", {"model": server.model, "messages": QUESTION,
+                                                              "response_format": fmt}),
+                         400, param="response_format.json_schema.schema")
+            tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                                  "properties": {"x": schema}}}}
+            assert_error(server.post("/v1/chat/completions", {"model": server.model, "messages": QUESTION,
+                                                              "tools": [tool], "tool_choice": "required"}),
+                         400, param="tools[0].function.parameters")
+            ollama = server.post("/api/chat", {"model": server.model, "messages": QUESTION, "format": schema,
+                                               "stream": False})
+            assert ollama.status_code == 400 and "not a usable JSON schema" in ollama.json()["error"]
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), events[-1]
+    assert not any("error" in e for e in events)
+
+
+def test_valid_schemas_pass_the_check():
+    from ovchat.schemacheck import check_schema
+
+    for schema in [True, {}, {"type": ["string", "null"]}, {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                   {"$defs": {"p": {"type": "object", "properties": {"x": {"$ref": "#/$defs/p"}}}},
+                    "anyOf": [{"$ref": "#/$defs/p"}, {"type": "null"}]},
+                   {"type": "string", "pattern": "^[a-z]+(-[a-z]+)*$", "format": "date"},
+                   {"type": "array", "items": {"enum": ["a", 1, None]}, "minItems": 1, "maxItems": 1},
+                   {"type": "object", "patternProperties": {"^x-": {}}, "additionalProperties": False,
+                    "properties": {"type": {"type": "string"}}, "required": ["type"]}]:
+        check_schema(schema, "s")
+
+
 @pytest.mark.slow
 def test_named_and_required_tool_calls_plain_and_streamed(server):
     """The demo's template has no place for tools, yet forced calls work: a grammar makes them."""
