@@ -684,6 +684,43 @@ def test_foreign_host_and_non_json_bodies_are_refused(server):
 
 
 @pytest.mark.slow
+def test_half_sent_requests_are_closed_and_others_are_served(server):
+    """200 connections that send half a request line, one that declares a body and sends none,
+    and one that declares 100 MB: the server keeps answering, closes the half-sent ones after
+    the header deadline (10 s), answers the silent body with 408 after 30 s and the large one
+    with 413 at once."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+
+    def connect(data: bytes) -> socket.socket:
+        s = socket.create_connection((host, int(port)), timeout=60)
+        s.sendall(data)
+        return s
+
+    started = time.monotonic()
+    half = [connect(b"GET /health HTTP/1.1\r\nHo") for _ in range(200)]
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n")
+    silent = connect(head.format(1000).encode())
+    huge = connect(head.format(104857600).encode())
+    try:
+        assert httpx2.get(server.url + "/health", timeout=5).status_code == 200
+        assert b" 413 " in huge.recv(4096).split(b"\r\n")[0] + b" "
+        for s in half:
+            assert s.recv(1024) == b""  # closed by the server (recv waits up to 60 s)
+        closed_after = time.monotonic() - started
+        assert 9 < closed_after < 40, closed_after
+        answer = silent.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert time.monotonic() - started >= 29
+        assert httpx2.get(server.url + "/health", timeout=5).status_code == 200
+    finally:
+        for s in [*half, silent, huge]:
+            s.close()
+
+
+@pytest.mark.slow
 def test_allow_host_and_cors_origin_when_asked_for(demo_model):
     s = start_server(demo_model, "--allow-host", "ovchat.box.lan", "--cors-origin", "http://app.box.lan")
     try:

@@ -5,6 +5,7 @@
     ollama.py      the ollama API (chat, generate, tags, show, ps, pull, version)
     http.py        the HTTP edge: JSON bodies in, domain errors to statuses, SSE/NDJSON streams out
     middleware.py  access log, Host check, CORS, API key
+    connections.py a deadline for request heads, a cap on open connections (uvicorn has neither)
     web.py         the chat page at / (web/: its HTML, script and style, no build step)
     schema.py      OpenAI request bodies -> GenerationRequest (with a bound on everything)
     prepare.py     a GenerationRequest made ready for a model: template, tokens, window, settings
@@ -146,8 +147,10 @@ def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, st
     app = create_app(pool, settings, on_stopped=lambda: discovery.unregister(announced))
     # log_config=None: uvicorn's loggers go through the process's logging set-up like ours;
     # its access log is off because middleware.AccessLog writes one with token counts.
+    from ovchat.server.connections import connection_cap, protocol
+
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_S,
-                            server_header=False)
+                            server_header=False, http=protocol(connection_cap()))
     server = _Server(config, drain=app.state.drain)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     loading = f"loading {', '.join(names)}" if names else "models load on first use"

@@ -24,9 +24,12 @@ log = logging.getLogger("ovchat.server")
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 1024 * 1024
+# A body (at most MAX_BODY_BYTES) that takes longer than this is a client holding a slot open.
+BODY_TIMEOUT_S = 30.0
 # Past this, an oversized body is no longer read to the end before the 413 is sent; reading it
 # lets the client see the 413 instead of a reset connection, but not at any cost.
 _DRAIN_LIMIT = 16 * MAX_BODY_BYTES
+_DRAIN_TIMEOUT_S = 5.0
 # nginx's status for "the client closed the connection before the answer": shows in the log only.
 CLIENT_CLOSED = 499
 TOKENS = "ovchat.tokens"  # scope key where a route leaves its token counts for the access log
@@ -85,11 +88,19 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
         raise APIError(415, "send the body as JSON, with 'Content-Type: application/json'",
                        code="unsupported_media_type")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            await _drain(request, len(body))
-            raise too_large
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                await _drain(request, len(body))
+                raise too_large
+
+    try:
+        await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s "
+                            f"({len(body)} bytes came)", code="request_timeout") from None
     try:
         value = json.loads(body)
     except (ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON are ValueErrors
@@ -99,11 +110,19 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
 
 
 async def _drain(request: Request, seen: int = 0) -> None:
-    with contextlib.suppress(ClientDisconnect, RuntimeError):  # RuntimeError: already consumed
+    """Read what is left of a refused body (so the client sees the answer, not a reset), within
+    limits of size and time."""
+
+    async def drain() -> None:
+        nonlocal seen
         async for chunk in request.stream():
             seen += len(chunk)
             if seen > _DRAIN_LIMIT:
                 break
+
+    # RuntimeError: already consumed
+    with contextlib.suppress(ClientDisconnect, RuntimeError, asyncio.TimeoutError):
+        await asyncio.wait_for(drain(), _DRAIN_TIMEOUT_S)
 
 
 async def until_disconnect(receive: Callable) -> None:
