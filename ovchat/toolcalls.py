@@ -127,6 +127,7 @@ class ToolPlan:
 
     tools: Tuple[Tool, ...] = ()
     choice: str = "none"
+    parallel: bool = True  # False: a reply's first call only (OpenAI's parallel_tool_calls)
 
     @classmethod
     def from_request(cls, tools: Any = None, tool_choice: Any = None) -> "ToolPlan":

@@ -504,6 +504,65 @@ def test_a_bad_schema_is_its_own_400_and_streams_beside_it_finish(server):
     assert not any("error" in e for e in events)
 
 
+def test_small_protocol_points(demo_model, server):
+    """The CORS preflight allows what the openai SDKs send; JSON nested 3,000 deep is called
+    that, not invalid; a request target in absolute form is routed by its path."""
+    import socket
+
+    from starlette.testclient import TestClient
+
+    from server_helpers import in_process_app
+
+    client = TestClient(in_process_app(demo_model, cors_origins=["http://app.lan"]))
+    asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
+    preflight = client.options("/v1/chat/completions", headers={
+        "Origin": "http://app.lan", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked})
+    assert preflight.status_code == 204 and preflight.headers["access-control-allow-headers"] == asked
+    odd = client.options("/v1/chat/completions", headers={"Origin": "http://app.lan",
+                                                         "Access-Control-Request-Headers": "x\r\ny: z"})
+    assert odd.headers["access-control-allow-headers"] == "Authorization, Content-Type"
+    deep = client.post("/v1/chat/completions", content="[" * 3000 + "]" * 3000,
+                       headers={"Content-Type": "application/json"})
+    assert_error(deep, 400, code="invalid_json")
+    assert "nested too deeply" in deep.json()["error"]["message"]
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"GET {server.url}/health HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # the authority is the host checked
+        s.sendall(f"GET http://evil.example.com/health HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 403")
+
+
+def test_a_reply_cut_inside_a_character_and_parallel_tool_calls_false():
+    """A byte-level tokenizer's tokens (bytes, as GPT-2's are) cut by max_tokens inside a
+    character: the cut half is dropped, not shown as U+FFFD. With parallel_tool_calls false a
+    reply that makes two calls returns the first."""
+    from ovchat.server.responses import Choice, IncrementalText
+    from ovchat.toolcalls import Tool, ToolPlan
+
+    pieces = [b"caf", b"\xc3", b"\xa9 ", b"\xe2\x82"]  # "café " and two bytes of "€"
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    text = IncrementalText(decode)
+    out = ""
+    for i in range(len(pieces)):
+        text.add([i])
+        out += text.take(final=i == len(pieces) - 1)
+    assert out == "café "
+    tool = Tool("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}}})
+    reply = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+    template = "{% if tools %}<tools></tools>{% endif %}<tool_call>"
+    for parallel, cities in ((True, ["Paris", "Rome"]), (False, ["Paris"])):
+        choice = Choice(0, lambda ids: reply if ids else "", ToolPlan((tool,), "auto", parallel=parallel), template)
+        delta = choice.add([1], [], "stop")
+        assert [json.loads(c["function"]["arguments"])["city"] for c in delta["tool_calls"]] == cities
+
+
 def test_valid_schemas_pass_the_check():
     from ovchat.schemacheck import check_schema
 
@@ -795,6 +854,8 @@ def test_sigterm_refuses_the_queue_and_ends_streams_with_an_event(demo_model):
         assert s.proc.proc.wait(timeout=30) is not None
         log = s.log()
         assert "waiting request refused" in log and "cut off" in log and "Traceback" not in log
+        # The stream that was cut off is logged with its error's status, not the 200 it began with.
+        assert re.search(r"POST /v1/completions 503 .*a 200 stream that ended in this error", log), log
     finally:
         s.proc.kill()
 

@@ -35,6 +35,7 @@ CLIENT_CLOSED = 499
 TOKENS = "ovchat.tokens"  # scope key where a route leaves its token counts for the access log
 LEFT = "ovchat.client_left"  # scope key set when a client left in the middle of a stream
 MODEL = "ovchat.model"  # scope key where a route names the model it served (metrics)
+FAILED = "ovchat.stream_failed"  # scope key: the status of the error a 200 stream ended with
 OLLAMA_PREFIX = "/api/"
 
 
@@ -103,8 +104,11 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
                             f"({len(body)} bytes came)", code="request_timeout") from None
     try:
         value = json.loads(body)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON are ValueErrors
+    except ValueError as e:  # bad UTF-8 and bad JSON are ValueErrors
         raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body's JSON is nested too deeply (a few hundred levels are the most "
+                            "this server reads)", code="invalid_json") from None
     check_strings(value)
     return value
 
@@ -169,7 +173,7 @@ class Stream:
         self.events, self.on_close, self.kind, self.path = events, on_close, kind, path
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
+        pump = asyncio.ensure_future(self._pump(send, scope))
         gone = asyncio.ensure_future(until_disconnect(receive))
         try:
             await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,7 +188,7 @@ class Stream:
                 await pump
             self.on_close()
 
-    async def _pump(self, send: Callable) -> None:
+    async def _pump(self, send: Callable, scope: Dict[str, Any]) -> None:
         encode = sse if self.kind == "sse" else ndjson
         media = b"text/event-stream; charset=utf-8" if self.kind == "sse" else b"application/x-ndjson"
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -196,6 +200,8 @@ class Stream:
                     await send({"type": "http.response.body", "body": encode(event), "more_body": True})
                 tail = b"data: [DONE]\n\n" if self.kind == "sse" else None
             except (RequestError, APIError) as e:
+                error = to_api_error(e)
+                scope[FAILED] = error.status  # the access log and the metrics count the error, not the 200
                 log.warning("a stream ended with an error: %s", e)
-                tail = encode(error_body(to_api_error(e), self.path))
+                tail = encode(error_body(error, self.path))
         await send({"type": "http.response.body", "body": tail or b"", "more_body": False})

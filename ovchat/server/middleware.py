@@ -6,17 +6,20 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import re
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
+from urllib.parse import urlsplit
 
 from starlette.responses import Response
 
 from ovchat.errors import APIError
-from ovchat.server.http import LEFT, MODEL, TOKENS, error_response
+from ovchat.server.http import FAILED, LEFT, MODEL, TOKENS, error_response
 from ovchat.server.metrics import Metrics
 
 access_log = logging.getLogger("ovchat.server.access")
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+_HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+){0,63}")
 
 
 class AccessLog:
@@ -51,27 +54,39 @@ class AccessLog:
         finally:
             tokens = scope.get(TOKENS)
             seconds = time.perf_counter() - start
-            code = status.get("code", 500)
+            code = scope.get(FAILED) or status.get("code", 500)
             model = scope.get(MODEL)
-            access_log.info("%s %s %s tokens=%s %.3fs%s%s", scope["method"], scope["path"], code,
-                            f"{tokens[0]}+{tokens[1]}" if tokens else "-", seconds,
-                            f" model={model}" if model else "", " (client left mid-stream)" if scope.get(LEFT) else "")
+            note = " (client left mid-stream)" if scope.get(LEFT) else " (a 200 stream that ended in this error)" \
+                if scope.get(FAILED) else ""
+            failed = scope.get(FAILED) or (code >= 500 and scope["path"] != "/health")  # /health: 503 while loading
+            (access_log.warning if failed else access_log.info)(
+                "%s %s %s tokens=%s %.3fs%s%s", scope["method"], scope["path"], code,
+                f"{tokens[0]}+{tokens[1]}" if tokens else "-", seconds, f" model={model}" if model else "", note)
             if self.metrics is not None:
                 self.metrics.request_done(self.route(scope["path"]), code, *(tokens or (0, 0)), seconds)
 
 
 class HostCheck:
     """A server listening on a loopback address answers requests for loopback names only (403
-    otherwise): a web page cannot reach it by rebinding a DNS name of its own to 127.0.0.1."""
+    otherwise): a web page cannot reach it by rebinding a DNS name of its own to 127.0.0.1.
+    A request target in absolute form (``GET http://host/path``) is routed by its path."""
 
     def __init__(self, app: Any, allowed: Optional[Sequence[str]]):
         self.app = app
         self.allowed = None if allowed is None else {h.lower() for h in allowed}
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or self.allowed is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        if scope["path"].startswith(("http://", "https://")):
+            # The absolute form of a request target (what proxies send): its authority is the
+            # host (RFC 9112, 3.2.2) and its path the route.
+            target = urlsplit(scope["path"])
+            host = target.netloc.lower()
+            scope = dict(scope, path=target.path or "/", raw_path=(target.path or "/").encode("latin-1"))
+        if self.allowed is None:
+            return await self.app(scope, receive, send)
         if _is_loopback_host(host) or _host_name(host) in self.allowed:
             return await self.app(scope, receive, send)
         response = error_response(APIError(403, f"requests for host {host or '(none)'!r} are not served here; this "
@@ -115,9 +130,13 @@ class CORS:
         origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")
         allowed = self._allowed(origin) if origin else None
         if scope["method"] == "OPTIONS" and allowed:
+            # The headers the page asks to send (the openai SDKs add their X-Stainless-* ones), if
+            # they are header names; the two every client needs otherwise.
+            asked = dict(scope["headers"]).get(b"access-control-request-headers", b"").decode("latin-1")
+            names = asked if asked and _HEADER_LIST.fullmatch(asked) else "Authorization, Content-Type"
             response = Response(status_code=204, headers={
                 "Access-Control-Allow-Origin": allowed, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Max-Age": "600"})
+                "Access-Control-Allow-Headers": names, "Access-Control-Max-Age": "600", "Vary": "Origin"})
             return await response(scope, receive, send)
 
         async def send_with_origin(message: Dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ def prompt_ids(parsed: GenerationRequest, tokenizer: Any, model: str) -> Tuple[L
         return _ids(tokenizer.encode(parsed.prompt, add_special_tokens=True)), None
     if not template:
         raise NoChatTemplateError(model)
-    plan = ToolPlan(parsed.tools, parsed.tool_choice)
+    plan = ToolPlan(parsed.tools, parsed.tool_choice, parallel=parsed.parallel_tool_calls)
     plan.check(template, model)
     extra = {"enable_thinking": parsed.think} if parsed.think is not None else None
     try:
@@ -59,7 +59,7 @@ def prepare(parsed: GenerationRequest, tokenizer: Any, model: str, *, context_li
             speculation: Any = None) -> Prepared:
     """Template and tokenize (call it in a worker thread), fit the window, say how to generate."""
     check_speculation(parsed, speculation)
-    plan = ToolPlan(parsed.tools, parsed.tool_choice)
+    plan = ToolPlan(parsed.tools, parsed.tool_choice, parallel=parsed.parallel_tool_calls)
     ids, thinking = prompt_ids(parsed, tokenizer, model)
     limit = min(x for x in (context_limit, parsed.context_limit) if x) if (context_limit or parsed.context_limit) \
         else None

@@ -49,7 +49,9 @@ class IncrementalText:
         if not final and (len(after) <= len(before) or after.endswith(_PARTIAL_CHARACTER)):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
-        return after[len(before):]
+        piece = after[len(before):]
+        # The reply ended inside a character (cut by max_tokens): drop the half, not show U+FFFD.
+        return piece.rstrip(_PARTIAL_CHARACTER) if final else piece
 
 
 class Reasoning:
@@ -170,6 +172,8 @@ class Choice:
             text, self.calls = self._splitter.finish()
             if text:
                 delta = _merge(delta, {"content": text})
+        if not self.tools.parallel:
+            self.calls = self.calls[:1]
         if self.calls:
             delta["tool_calls"] = [c.as_openai(i) for i, c in enumerate(self.calls)]
             reason = "tool_calls"

@@ -61,6 +61,7 @@ class GenerationRequest:
     response_format: Optional[ResponseFormat] = None
     tools: Tuple[Tool, ...] = ()
     tool_choice: str = "auto"  # auto, none, required, or the name of the function to call
+    parallel_tool_calls: bool = True  # false: at most one call per reply (the first)
     # Speculative decoding per request (OpenVINO Model Server's field names): tokens proposed per
     # step and prompt lookup's n-gram size; only for a server started with a lever.
     speculation: Dict[str, int] = field(default_factory=dict)
@@ -121,7 +122,7 @@ def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
         if not logprobs:
             raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return _common(body, model=model, messages=parsed, tools=tools, tool_choice=choice, response_format=fmt,
-                   logprobs=logprobs)
+                   logprobs=logprobs, parallel_tool_calls=body.get("parallel_tool_calls") is not False)
 
 
 def parse_completion(body: Mapping[str, Any]) -> GenerationRequest:
