@@ -563,6 +563,30 @@ def test_a_reply_cut_inside_a_character_and_parallel_tool_calls_false():
         assert [json.loads(c["function"]["arguments"])["city"] for c in delta["tool_calls"]] == cities
 
 
+@pytest.mark.slow
+def test_unseeded_sampling_differs_and_a_seed_repeats(server):
+    """'Regenerate' must regenerate: GenAI's default seed is a constant, so without a seed of its
+    own every sampled reply was the same."""
+    ask = {"model": server.model, "messages": [{"role": "user", "content": "Tell me a story about a dragon."}],
+           "max_tokens": 24, "temperature": 1.0}
+    replies = [server.client().chat.completions.create(**ask).choices[0].message.content for _ in range(3)]
+    assert len(set(replies)) >= 2, replies
+    seeded = [server.client().chat.completions.create(**ask, seed=7).choices[0].message.content for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_metrics_series_stay_bounded_under_random_paths(server):
+    import random
+    import string
+
+    for _ in range(300):
+        path = "/" + "".join(random.choices(string.ascii_lowercase, k=12))
+        assert httpx2.get(server.url + path, timeout=30).status_code == 401  # no key: refused, and counted
+    text = httpx2.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    endpoints = set(re.findall(r'ovchat_requests_total\{endpoint="([^"]*)"', text))
+    assert "other" in endpoints and len(endpoints) < 40, endpoints
+
+
 def test_valid_schemas_pass_the_check():
     from ovchat.schemacheck import check_schema
 
