@@ -282,9 +282,9 @@ def resolve_model(spec: Optional[str] = None, *, progress: ProgressCallback = ig
 
 
 def _can_convert() -> bool:
-    from importlib.util import find_spec
+    from ovchat.convert import extra_installed
 
-    return all(find_spec(m) is not None for m in ("nncf", "gguf", "transformers"))
+    return extra_installed()
 
 
 # -- pull and remove --------------------------------------------------------------------------

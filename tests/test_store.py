@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import as_from_a_shell, ovchat_cmd, run_ovchat
-from convert_helpers import write_checkpoint
+from convert_helpers import demo_gguf, write_checkpoint  # noqa: F401
 from ovchat.fetch import DEMO_MODEL
 
 pytestmark = pytest.mark.slow
@@ -167,3 +167,22 @@ def test_a_runtime_only_install_runs_the_demo_gguf_directly(demo_model, tmp_path
     assert session.model_path == tmp_path / "downloads" / gguf.name
     assert any("pip install 'ovchat[convert]'" in m for m in said)
     assert "Paris" in session.send("What is the capital of France?", max_new_tokens=24)
+
+
+def test_a_runtime_only_install_says_convert_and_pull_need_the_extra(tmp_path, monkeypatch, demo_gguf):
+    """Without the convert extra (simulated as above; a real runtime-only venv gave a
+    ModuleNotFoundError traceback for `convert`), convert and pull say what to install before
+    reading or downloading anything, and nothing is written."""
+    from click.testing import CliRunner
+
+    import ovchat.convert
+    from ovchat.cli import main
+
+    monkeypatch.setattr(ovchat.convert, "extra_installed", lambda: False)
+    monkeypatch.setenv("OVCHAT_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    for args in (["convert", str(demo_gguf), str(tmp_path / "out")], ["pull", "gemma-3-270m"], ["pull", str(demo_gguf)]):
+        done = runner.invoke(main, args)
+        assert done.exit_code == 1 and "pip install 'ovchat[convert]'" in done.output, done.output
+        assert done.exception is None or isinstance(done.exception, SystemExit)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "downloads").exists()

@@ -49,6 +49,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+EXTRA_MODULES = ("nncf", "gguf", "transformers", "tokenizers")
+NEEDS_EXTRA = "pip install 'ovchat[convert]'"
+
+
+def extra_installed() -> bool:
+    """Whether the convert extra's packages are installed (checked without importing them)."""
+    from importlib.util import find_spec
+
+    return all(find_spec(m) is not None for m in EXTRA_MODULES)
+
+
 def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = False,
             receipt: Optional[bool] = None, manifest_extra: Optional[Dict[str, object]] = None,
             progress: ProgressCallback = ignore) -> Path:
@@ -66,6 +77,8 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
     from ovchat.convert.recipe import Recipe
     from ovchat.convert.tokenizer import has_tokenizer
 
+    if not extra_installed():  # said before anything is read or written
+        raise ConversionError(f"converting needs the convert extra: {NEEDS_EXTRA}")
     recipe = recipe if recipe is not None else Recipe()
     source_path = Path(source).expanduser().absolute()
     output = Path(output).expanduser().absolute()
