@@ -411,18 +411,24 @@ def list_models():
     from ovchat.units import human_size
 
     entries = store.list_entries()
+    total, unused = store.downloads_size()
+    downloads = (f"downloads: {human_size(total)} in {store.downloads_dir()}" +
+                 (f", {human_size(unused)} of it used by no model (`ovchat prune` deletes it)" if unused else ""))
     if not entries:
         notice(f"the store ({store.models_dir()}) is empty; `ovchat pull smollm2-135m` adds the demo model")
+        if total:
+            notice(downloads)
         return
     default = store.default_model()
     rows = [("NAME", "ARCHITECTURE", "RECIPE", "SIZE", "SOURCE")] + [
         (e.name + (" *" if e.name == default else ""), e.architecture, "DAMAGED" if e.problem else e.recipe,
-         human_size(e.size), f"{e.problem}: ovchat rm {e.name}, or pull it again with --force" if e.problem
-         else e.source)
+         human_size(e.size), f"{e.problem}; repair: {e.repair}" if e.problem else e.source)
         for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    if total:
+        notice(downloads)
 
 
 @main.command()
@@ -558,13 +564,35 @@ def stop(model):
 
 @main.command(name="rm")
 @click.argument("names", nargs=-1, required=True)
-def remove(names):
-    """Delete models from the store."""
+@click.option("--keep-source", is_flag=True,
+              help="Keep what the model was converted from in the downloads folder (a GGUF, a zip, a Hub snapshot).")
+def remove(names, keep_source):
+    """Delete models from the store, with the downloads they were converted from (unless another
+    model uses them, or --keep-source). A store folder ovchat did not make is removed too."""
     from ovchat import store
+    from ovchat.units import human_size
 
     for name in names:
-        path = store.remove(name)
-        click.echo(f"deleted {name} ({path})")
+        removed = store.remove(name, keep_source=keep_source)
+        sources = removed.paths[1:]
+        also = f" and its source {', '.join(map(str, sources))}" if sources else ""
+        click.echo(f"deleted {name} ({removed.paths[0]}){also}: {human_size(removed.freed)} freed")
+        for item in removed.kept:
+            notice(f"kept {item}: another model in the store was converted from it")
+
+
+@main.command()
+def prune():
+    """Delete what no model in the store needs: downloads no model was converted from, and what
+    killed downloads and pulls left behind (the demo GGUF that an install without the convert
+    extra runs directly is fetched again when needed)."""
+    from ovchat import store
+    from ovchat.units import human_size
+
+    removed = store.prune()
+    for path in removed.paths:
+        click.echo(f"deleted {path}")
+    click.echo(f"{human_size(removed.freed)} freed" if removed.paths else "nothing to delete")
 
 
 @main.command()

@@ -66,8 +66,10 @@ def run_checks() -> List[Check]:
     for entry in entries:
         problems = store.entry_problems(entry, full=True)
         if problems:
-            checks.append(Check(f"model {entry.name}", f"damaged: {problems[0]}; ovchat pull {entry.name} --force",
-                                False))
+            checks.append(Check(f"model {entry.name}", f"damaged: {problems[0]}; repair: {entry.repair}", False))
+    total, unused = store.downloads_size()
+    checks.append(Check("downloads", f"{store.downloads_dir()} ({human_size(total)}"
+                        + (f", {human_size(unused)} used by no model: ovchat prune)" if unused else ")"), None))
     cache = store.compile_cache_dir()
     cache_size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else 0
     checks.append(Check("compile cache", f"{cache} ({human_size(cache_size)})", None))

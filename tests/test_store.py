@@ -106,7 +106,7 @@ def test_a_damaged_entry_is_reported_by_info_and_refused_by_run(demo_model, tmp_
     err = done.stderr.decode()
     assert done.returncode == 1 and "Traceback" not in err
     assert "model damaged in the store is damaged (openvino_model.bin has 1000 bytes" in err
-    assert "ovchat pull damaged --force" in err
+    assert f"repair it: ovchat pull {gguf} --name damaged --force" in err  # the recorded source, its own name
     doctor = run_ovchat("doctor")
     assert doctor.returncode == 1 and b"damaged" in doctor.stdout
     ok("rm", "damaged")
@@ -186,3 +186,50 @@ def test_a_runtime_only_install_says_convert_and_pull_need_the_extra(tmp_path, m
         assert done.exit_code == 1 and "pip install 'ovchat[convert]'" in done.output, done.output
         assert done.exception is None or isinstance(done.exception, SystemExit)
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "downloads").exists()
+
+
+@pytest.mark.slow
+def test_rm_takes_the_source_along_unless_used_or_kept_and_prune_clears_leftovers(demo_model, tmp_path):
+    """A pulled model's source stays in the downloads folder after `rm` (a probe found 253 MB of
+    Gemma left behind); now `rm` deletes it unless another model was converted from it or
+    --keep-source says so, and `prune` deletes downloads no model uses and what killed
+    downloads and pulls left (their names carry the dead process's id)."""
+    import os
+    import shutil
+
+    home = tmp_path / "home"
+    (home / "downloads").mkdir(parents=True)
+    gguf = home / "downloads" / DEMO_MODEL.filename
+    shutil.copyfile(demo_model.parent.parent / "downloads" / DEMO_MODEL.filename, gguf)  # as if fetched before
+
+    def ovchat(*args):
+        env = dict(os.environ, OVCHAT_HOME=str(home))
+        return subprocess.run(ovchat_cmd(*args), capture_output=True, env=env, timeout=300)
+
+    for name in ("smollm2-135m", "twin"):
+        assert ovchat("pull", "smollm2-135m", "--name", name).returncode == 0
+    listed = ovchat("list")
+    assert "downloads: " in listed.stderr.decode() and "prune" not in listed.stderr.decode()
+    done = ovchat("rm", "smollm2-135m")
+    assert done.returncode == 0 and gguf.exists() and b"another model" in done.stderr  # twin still uses it
+    done = ovchat("rm", "twin", "--keep-source")
+    assert done.returncode == 0 and gguf.exists()
+    assert "used by no model (`ovchat prune`" in ovchat("list").stderr.decode()
+    assert ovchat("pull", "smollm2-135m").returncode == 0
+    done = ovchat("rm", "smollm2-135m")
+    assert done.returncode == 0 and not gguf.exists() and b"and its source" in done.stdout and b"MB freed" in done.stdout
+
+    # prune: an orphan download, a dead process's half download and half pull go; a live one's stay.
+    orphan = home / "downloads" / "orphan.gguf"
+    orphan.write_bytes(b"x" * 1000)
+    dead_fetch = home / "downloads" / ".fetch-999999999-abc"
+    live_fetch = home / "downloads" / f".fetch-{os.getpid()}-abc"
+    dead_pull = home / "models" / ".partial-x@999999999-abc"
+    for d in (dead_fetch, live_fetch, dead_pull):
+        d.mkdir(parents=True)
+        (d / "part").write_bytes(b"y" * 100)
+    done = ovchat("prune")
+    assert done.returncode == 0, done.stderr
+    assert not orphan.exists() and not dead_fetch.exists() and not dead_pull.exists() and live_fetch.exists()
+    assert b"1.2 KB freed" in done.stdout
+    assert ovchat("prune").stdout.strip() == b"nothing to delete"

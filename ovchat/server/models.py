@@ -186,8 +186,8 @@ class ModelPool:
             raise InvalidRequestError(f"the model {name!r} does not exist here; served: {known}", "model",
                                       "model_not_found")
         if entry.problem is not None:
-            raise InvalidRequestError(f"the model {base!r} in the store is damaged ({entry.problem}); convert it "
-                                      "again with ovchat pull", "model", "model_damaged")
+            raise InvalidRequestError(f"the model {base!r} in the store is damaged ({entry.problem}); repair it: "
+                                      f"{entry.repair}", "model", "model_damaged")
         return ModelSource(entry.name, entry.path)
 
     def served(self, name: str) -> ServedModel:
