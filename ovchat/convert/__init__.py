@@ -96,6 +96,10 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
     started = time.time()
     progress(Progress("read", f"reading {source_path}"))
     checkpoint = open_checkpoint(source_path)
+    if checkpoint.kind != "ov":  # a config that lies about its weights, refused before anything is built
+        from ovchat.convert.validate import check as check_checkpoint
+
+        check_checkpoint(checkpoint)
     pooling = _pooling(checkpoint)  # a sentence encoder's, or None for a chat model
     if checkpoint.kind != "ov" and not has_tokenizer(checkpoint):
         raise CheckpointError(f"{source_path} has no tokenizer (tokenizer.json or GGUF tokenizer metadata); "

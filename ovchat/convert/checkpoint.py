@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ovchat.convert.tensors import Weight
 from ovchat.errors import CheckpointError
 
+_MAX_JSON_BYTES = 64 << 20  # tokenizer.json files reach ~30 MB; configs are kilobytes
 HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                   "special_tokens_map.json")
 
@@ -49,6 +50,10 @@ class Checkpoint:
     def get(self, name: str) -> Weight:
         raise NotImplementedError
 
+    def shape(self, name: str) -> Tuple[int, ...]:
+        """Tensor ``name``'s shape in Hugging Face order, without reading it."""
+        raise NotImplementedError
+
     def parameter_count(self) -> int:
         """How many weights the checkpoint holds (without reading them)."""
         raise NotImplementedError
@@ -71,7 +76,11 @@ class Checkpoint:
 
 def read_json(path: Path) -> dict:
     try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is larger than {_MAX_JSON_BYTES >> 20} MB, which no config is; re-download it")
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a config; re-download it") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); re-download it") from None
     if not isinstance(data, dict):

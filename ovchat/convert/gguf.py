@@ -143,6 +143,9 @@ class GGUFCheckpoint(Checkpoint):
         # What became of each quantized tensor read with keep_quantized: its GGUF type and form.
         self.forms: Dict[str, Tuple[str, str]] = {}
 
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self._entry(name).shape
+
     def element_count(self, name: str) -> int:
         """How many values tensor ``name`` holds, without reading it."""
         return self._entry(name).info.n_elements

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ovchat.convert import safetensors
 from ovchat.convert.checkpoint import HF_EXTRA_FILES, Checkpoint, read_json
@@ -18,12 +18,19 @@ class HFCheckpoint(Checkpoint):
                  owner: Dict[str, Path]):
         super().__init__(path, config, generation_config, files, owner)  # name -> its .safetensors
         self._loaded: Dict[Path, Dict[str, Weight]] = {}
+        self._headers: Dict[Path, dict] = {}
 
     def get(self, name: str) -> Weight:
         file = self._entry(name)
         if file not in self._loaded:
             self._loaded[file] = safetensors.load(file)
         return self._loaded[file][name]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        file = self._entry(name)
+        if file not in self._headers:
+            self._headers[file] = safetensors.read_header(file)[0]
+        return tuple(self._headers[file][name]["shape"])
 
     def parameter_count(self) -> int:
         total = 0

@@ -51,20 +51,43 @@ def read_header(path: Path) -> Tuple[dict, int]:
             raise CheckpointError(f"{path} has a corrupt safetensors header; re-download it")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header ({e}); re-download it") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({str(e)[:100]}); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not an object); re-download it")
     data_start = 8 + n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path} is truncated: tensor {name} ends at byte {data_start + end} but the file has "
-                f"{size} bytes; re-download it")
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        _check_entry(path, name, info, size - data_start)
     return header, data_start
+
+
+def _check_entry(path: Path, name: str, info: object, data_size: int) -> None:
+    """One tensor's header entry: a known dtype, a shape of whole numbers, and byte offsets that
+    lie inside the data and hold exactly that many values (the reader maps what they say)."""
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name} {what}; re-download it")
+
+    if not isinstance(info, dict):
+        raise corrupt("has no description")
+    if info.get("dtype") not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise corrupt(f"has the shape {str(shape)[:80]}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        raise corrupt(f"has the data offsets {str(offsets)[:80]}")
+    if offsets[1] > data_size:
+        raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {offsets[1]} of the data but the "
+                              f"file holds {data_size}; re-download it")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * np.dtype(_DTYPES[info["dtype"]][0]).itemsize != offsets[1] - offsets[0]:
+        raise corrupt(f"has the shape {shape} but {offsets[1] - offsets[0]} bytes")
 
 
 def load(path: Path) -> Dict[str, Weight]:
