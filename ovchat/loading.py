@@ -49,5 +49,8 @@ def plan(model: Optional[str | Path] = None, *, device: str = "auto", max_contex
 
     check_max_context(max_context)
     path = resolve_model(None if model is None else str(model), progress=progress)
+    from ovchat.templatecheck import vet_model
+
+    vet_model(path)
     choice = choose_device(device, available_devices)
     return LoadPlan(model_path=path, device=choice, context_limit=max_context or context_length(path))

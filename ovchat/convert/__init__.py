@@ -118,6 +118,10 @@ def convert(source, output, *, recipe: "Optional[Recipe]" = None, force: bool = 
             built = _build_and_compress(checkpoint, work, recipe, progress, encoder=pooling is not None)
             _write_tokenizer(checkpoint, work, progress)
             _write_configs(checkpoint, work)
+            if pooling is None:  # a template that crashes or runs away is refused before the model is stored
+                from ovchat.templatecheck import vet_model
+
+                vet_model(work, name=str(source_path))
             measured = _receipt(checkpoint, work, built, receipt, progress, pooling)
             shutil.rmtree(work / _FLOAT_DIR, ignore_errors=True)
             progress(Progress("save", "hashing the source files for the manifest"))

@@ -92,6 +92,9 @@ class EngineClient:
         if self.spec.kind == "chat":
             import openvino_genai
 
+            from ovchat.templatecheck import vet_model
+
+            vet_model(self.spec.model_path)  # its template is rendered in this process: never one that crashes it
             self.tokenizer = openvino_genai.Tokenizer(str(self.spec.model_path))
         self._spawn()
 
