@@ -131,3 +131,35 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(engine):
     assert first[32] < first[31] / 2, first
     alone, _, _ = run_all(engine, [protocol.Add(30, long, GenerationSettings.forced(4))])
     assert tokens[31] == alone[30]
+
+
+def test_a_request_that_fails_inside_a_step_fails_alone(engine, demo_model):
+    """A request whose grammar GenAI rejects only inside the step (the HTTP side refuses such a
+    schema first; here it is sent to the engine directly) ends with engine_failed; the request
+    that was already running is resumed where it was and its tokens are the ones it gets alone
+    (greedy): its client sees one unbroken reply."""
+    story = prompt(demo_model, "Write a very long story about a dragon.")
+    alone, _, _ = run_all(engine, [protocol.Add(7, story, GenerationSettings.forced(40))])
+    good = protocol.Add(8, story, GenerationSettings.forced(40))
+    bad = protocol.Add(9, story, GenerationSettings(max_new_tokens=8, json_schema='{"type": 5}'))
+    tokens = {8: [], 9: []}
+    finished, failures = {}, {}
+    assert engine.add(good) is None
+    for step in range(400):
+        if step == 3:
+            assert engine.add(bad) is None  # accepted: the grammar is compiled in the step
+        if step > 3 and not engine.busy:
+            break
+        for update in engine.step():
+            for out in update.outputs.values():
+                tokens[update.rid] += out.ids
+            finished.update({update.rid: r for r in update.finished.values()})
+            if update.failure is not None:
+                failures[update.rid] = update.failure
+    assert failures.keys() == {9} and failures[9].code == protocol.ENGINE_FAILED
+    assert finished[8] == "length" and tokens[8] == alone[7]
+    # The engine is sound afterwards. (Its tokens are not compared: the prefix cache now holds
+    # the resumed request's blocks, prefilled in one go rather than decoded one by one, and a
+    # greedy near-tie may go the other way.)
+    after, finished, failures = run_all(engine, [protocol.Add(10, story, GenerationSettings.forced(40))])
+    assert not failures and len(after[10]) == 40 and finished[10] == "length"

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,7 +39,7 @@ _IDLE_POLL_S = 0.5
 _STATS_EVERY_S = 0.5
 # A prompt longer than two turns is prefilled a turn at a time (a multiple of the KV block, 32).
 TURN_TOKENS = 512
-_TURN_IDS = 1 << 48  # request ids of the turns, apart from the client's
+_FIRST_ID = 1 << 48  # GenAI's request ids: fresh for every request and turn (a resumed request gets a new one)
 
 
 @dataclass
@@ -105,7 +106,13 @@ class Engine:
         self._handles: Dict[int, Any] = {}
         self._outputs: Dict[int, int] = {}  # rid -> number of outputs (n)
         self._staged: Dict[int, _Staged] = {}
-        self._turn_ids = itertools.count(_TURN_IDS)
+        self._genai_ids = itertools.count(_FIRST_ID)
+        # Requests added since the last step that went through: the suspects when a step fails
+        # (what GenAI checks only inside a step, a grammar for one, comes with a new request).
+        self._fresh: set = set()
+        # What each running request asked for and the tokens it has had: enough to resume it.
+        self._asked: Dict[int, protocol.Add] = {}
+        self._sent: Dict[int, List[int]] = {}
 
     @property
     def busy(self) -> bool:
@@ -121,12 +128,60 @@ class Engine:
                 self._staged[request.rid] = _Staged(request, 0, None)
                 self._next_turn(self._staged[request.rid])
             else:
-                self._handles[request.rid] = self.pipe.add_request(request.rid, _tensor(request.prompt_ids), config)
+                self._handles[request.rid] = self.pipe.add_request(next(self._genai_ids), _tensor(request.prompt_ids),
+                                                                   config)
         except (RuntimeError, TypeError, ValueError) as e:
             self._staged.pop(request.rid, None)
             return Update(request.rid, failure=Failure(protocol.INVALID, summary(e)))
         self._outputs[request.rid] = request.settings.n
+        self._fresh.add(request.rid)
+        self._asked[request.rid], self._sent[request.rid] = request, []
         return None
+
+    def _recover(self, error: str) -> List[Update]:
+        """After a failed step: the requests that joined in it are blamed and end with
+        engine_failed; the others are resumed where they were (their prompt and the tokens they
+        have had, as a new request: the prefix cache holds most of it), so their clients see one
+        unbroken reply. GenAI's pipeline is only usable again once every request it held is gone.
+        A request that cannot be resumed exactly (several outputs, a grammar half-way through)
+        ends too, as everything does when the failure cannot be pinned on a newcomer."""
+        running = [*self._handles, *self._staged]
+        suspects = [rid for rid in running if rid in self._fresh]
+        if not suspects or len(suspects) == len(running):
+            suspects = running
+        survivors = [(rid, self._asked[rid], list(self._sent[rid])) for rid in running
+                     if rid not in suspects and rid in self._asked]
+        failure = Failure(protocol.ENGINE_FAILED, error)
+        updates = [Update(rid, failure=failure) for rid in suspects]
+        for rid in running:
+            self.cancel(rid)
+        self._fresh.clear()
+        # One step with every request cancelled lets the pipeline drop them all; only then does
+        # it take new ones (a request added before it failed the same way).
+        for _ in range(3):
+            if not self.pipe.has_non_finished_requests():
+                break
+            try:
+                self.pipe.step()
+            except RuntimeError:
+                continue
+        if self.pipe.has_non_finished_requests():
+            survivors, suspects = [], running
+            updates = [Update(rid, failure=failure) for rid in running]
+        for rid, asked, sent in survivors:
+            settings = asked.settings
+            left = settings.max_new_tokens - len(sent)
+            if settings.n != 1 or settings.json_schema or settings.call_choices or left < 1:
+                updates.append(Update(rid, failure=failure))
+                continue
+            resumed = dataclasses.replace(settings, max_new_tokens=left,
+                                          min_new_tokens=max(0, settings.min_new_tokens - len(sent)))
+            self.add(protocol.Add(rid, tuple(asked.prompt_ids) + tuple(sent), resumed))
+            self._asked[rid], self._sent[rid] = asked, sent  # the original request, for a later failure
+            self._fresh.discard(rid)
+        log.error("a generation step failed: %s; ended %s, resumed %s", error, ", ".join(map(str, suspects)),
+                  ", ".join(str(rid) for rid, *_ in survivors if rid in self._handles or rid in self._staged) or "none")
+        return updates
 
     def _next_turn(self, staged: _Staged) -> None:
         """Queue the next turn of a long prompt, or the request itself once one turn is left."""
@@ -137,12 +192,15 @@ class Engine:
         if staged.done >= len(request.prompt_ids) - TURN_TOKENS:
             del self._staged[request.rid]
             config = request.settings.to_genai(self.pipe.get_config(), self.spec.speculation)
-            self._handles[request.rid] = self.pipe.add_request(request.rid, _tensor(request.prompt_ids), config)
+            self._handles[request.rid] = self.pipe.add_request(next(self._genai_ids), _tensor(request.prompt_ids), config)
             return
         config = GenerationSettings.forced(1).to_genai(self.pipe.get_config(), self.spec.speculation)
-        staged.handle = self.pipe.add_request(next(self._turn_ids), _tensor(request.prompt_ids[:staged.done]), config)
+        staged.handle = self.pipe.add_request(next(self._genai_ids), _tensor(request.prompt_ids[:staged.done]), config)
 
     def cancel(self, rid: int) -> None:
+        self._fresh.discard(rid)
+        self._asked.pop(rid, None)
+        self._sent.pop(rid, None)
         staged = self._staged.pop(rid, None)
         if staged is not None and staged.handle is not None:
             staged.handle.cancel()
@@ -160,12 +218,8 @@ class Engine:
             except RuntimeError as e:
                 from ovchat.errors import summary
 
-                log.error("a generation step failed: %s", summary(e))
-                failure = Failure(protocol.ENGINE_FAILED, summary(e))
-                updates += [Update(rid, failure=failure) for rid in [*self._handles, *self._staged]]
-                for rid in [*self._handles, *self._staged]:
-                    self.cancel(rid)
-                return updates
+                return self._recover(summary(e))
+            self._fresh.clear()
         import openvino_genai
 
         for staged in list(self._staged.values()):
@@ -191,6 +245,8 @@ class Engine:
             for index, output in handle.read().items():
                 outputs[int(index)] = Tokens(tuple(int(t) for t in output.generated_ids),
                                              tuple(float(p) for p in output.generated_log_probs))
+                if rid in self._sent and int(index) == 0:
+                    self._sent[rid].extend(outputs[0].ids)
                 if output.finish_reason != openvino_genai.GenerationFinishReason.NONE:
                     finished[int(index)] = "length" if output.finish_reason == \
                         openvino_genai.GenerationFinishReason.LENGTH else "stop"
@@ -204,6 +260,8 @@ class Engine:
         if failure is not None or status != openvino_genai.GenerationStatus.RUNNING:
             self._handles.pop(rid)
             self._outputs.pop(rid, None)
+            self._asked.pop(rid, None)
+            self._sent.pop(rid, None)
         if not outputs and not finished and failure is None:
             return None
         return Update(rid, outputs, finished, failure)
