@@ -192,7 +192,8 @@ class Engine:
         if staged.done >= len(request.prompt_ids) - TURN_TOKENS:
             del self._staged[request.rid]
             config = request.settings.to_genai(self.pipe.get_config(), self.spec.speculation)
-            self._handles[request.rid] = self.pipe.add_request(next(self._genai_ids), _tensor(request.prompt_ids), config)
+            prompt = _tensor(request.prompt_ids)
+            self._handles[request.rid] = self.pipe.add_request(next(self._genai_ids), prompt, config)
             return
         config = GenerationSettings.forced(1).to_genai(self.pipe.get_config(), self.spec.speculation)
         staged.handle = self.pipe.add_request(next(self._genai_ids), _tensor(request.prompt_ids[:staged.done]), config)
