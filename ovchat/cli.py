@@ -562,6 +562,41 @@ def stop(model):
     notice(f"unloaded {model}")
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.argument("directory")
+@click.option("--ovms", is_flag=True, required=True,
+              help="Write an OpenVINO Model Server repository (the one format there is, for now).")
+@click.option("--device", default="CPU", show_default=True, help="The device OVMS runs the models on (CPU, GPU).")
+@click.option("--max-concurrency", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="Requests of one model generated at once (max_num_seqs).")
+@click.option("--prefill-chunk", type=click.IntRange(min=16), default=64, show_default=True, metavar="TOKENS",
+              help="Prompt tokens prefilled per step (max_num_batched_tokens).")
+@click.option("--kv-cache-gb", type=click.IntRange(min=0), default=0, show_default=True,
+              help="KV cache of each model in GB; 0: it grows with the work.")
+@click.option("--storage-uri", default="pvc://ovchat-models/", show_default=True,
+              help="Where the KServe InferenceService finds the repository (copy DIRECTORY there).")
+@click.option("--force", is_flag=True, help="Replace DIRECTORY if ovchat exported there before.")
+def export(models, directory, ovms, device, max_concurrency, prefill_chunk, kv_cache_gb, storage_uri, force):
+    """Write stored chat MODELS as an OpenVINO Model Server repository in DIRECTORY.
+
+    For a deployment that outgrows one box: per model its IR and tokenizer IRs (hard-linked), its
+    chat template, and a graph.pbtxt whose options carry what ovchat knows (runtime options,
+    scheduler, tool and reasoning parsers); a config.json listing them; and kserve.yaml, a
+    KServe ServingRuntime and InferenceService for the repository. Prints the docker command
+    that serves it.
+    """
+    from ovchat.ovms import ServingSettings, export as export_repository
+    from ovchat.store import resolve_model
+
+    paths = [resolve_model(m) for m in models]
+    done = export_repository(paths, directory, force=force, storage_uri=storage_uri, settings=ServingSettings(
+        device=device, max_num_seqs=max_concurrency, max_num_batched_tokens=prefill_chunk, cache_size_gb=kv_cache_gb))
+    click.echo(str(done.root))
+    notice(f"exported {', '.join(done.models)}; serve it with:\n  {done.docker_command()}\n"
+           f"or on Kubernetes: copy {done.root} to {storage_uri} and kubectl apply -f {done.kserve}")
+
+
 @main.command(name="rm")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--keep-source", is_flag=True,
