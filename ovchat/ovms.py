@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from ovchat.errors import InputError, StorageError
 from ovchat.modelfiles import MANIFEST, MODEL_BIN, MODEL_XML, TOKENIZER_FILES, read_manifest
@@ -86,7 +86,8 @@ def graph(manifest: dict, template: str, settings: ServingSettings) -> str:
         options.append(("plugin_config", json.dumps(plugin, sort_keys=True)))
     options += sorted(parsers(template).items())
     body = "\n".join(f"        {key}: {_value(value)}" for key, value in options)
-    return f"""# OpenVINO Model Server graph of {manifest.get('store', {}).get('name') or 'the model'}, written by ovchat export
+    name = (manifest.get("store") or {}).get("name") or "the model"
+    return f"""# OpenVINO Model Server graph of {name}, written by ovchat export
 input_stream: "HTTP_REQUEST_PAYLOAD:input"
 output_stream: "HTTP_RESPONSE_PAYLOAD:output"
 node: {{
@@ -266,6 +267,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copy2(source, target)
 
-
-def model_names(root: Path) -> List[str]:
-    return [entry["config"]["name"] for entry in json.loads((Path(root) / "config.json").read_text())["model_config_list"]]
