@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import click
 from click.testing import CliRunner
 
 from conftest import run_ovchat
@@ -176,3 +177,24 @@ def test_prompt_over_the_context_window(demo_model):
     err = done.stderr.decode()
     assert done.returncode == 1 and "Traceback" not in err
     assert "context window is 128; shorten it or raise --max-context" in err
+
+
+def test_every_command_flag_and_variable_is_in_the_readme():
+    """The README is the manual: every command, each of its options and every environment
+    variable an option reads appear in it."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = []
+    for name, command in main.commands.items():
+        if f"ovchat {name}" not in readme:
+            missing.append(f"ovchat {name}")
+        for param in command.params:
+            if not isinstance(param, click.Option):
+                continue
+            if not any(flag in readme for flag in param.opts + param.secondary_opts):
+                missing.append(f"ovchat {name} {param.opts[0]}")
+            envvar = param.envvar if isinstance(param.envvar, str) else None
+            if envvar and envvar not in readme:
+                missing.append(envvar)
+    assert not missing, missing
