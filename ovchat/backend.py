@@ -54,6 +54,7 @@ class Backend(Protocol):
     model_path: Path
     device: DeviceChoice
     context_limit: Optional[int]  # the model's window in tokens (None: unknown)
+    prompt_limit: Optional[int]  # a shorter bound on the prompt alone (the NPU's MAX_PROMPT_LEN), or None
     load_s: float
     has_chat_template: bool
 

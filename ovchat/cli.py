@@ -320,6 +320,11 @@ def recipe_options(f):
         click.option("--group-size-fallback", type=click.Choice(["adjust", "ignore", "error"]), default=None,
                      help="For int4 layers the group size does not divide: use a smaller group, leave "
                           "them uncompressed, or fail.  [default: adjust]"),
+        click.option("--device", "target", type=click.Choice(["any", "NPU"], case_sensitive=False), default="any",
+                     show_default=True,
+                     help="Convert for this device. NPU: the layout its compiler takes (int4 sym, ratio 1.0, one "
+                          "group per channel, unless the int4 options say otherwise; a quantized GGUF is "
+                          "quantized again), and `--device auto` then runs the model on an NPU."),
         click.option("--receipt/--no-receipt", default=None,
                      help="Measure the converted model against the float weights (top-1 agreement, KL) "
                           "and keep it in the manifest.  [default: when the model fits comfortably: "
@@ -330,13 +335,24 @@ def recipe_options(f):
 
 
 def make_recipe(weight_format: str, sym: Optional[bool], group_size: Optional[int], ratio: Optional[float],
-                group_size_fallback: Optional[str]):
+                group_size_fallback: Optional[str], target: str = "any"):
     """The Recipe the options describe. An int4 option given with --weight-format auto asks for the
     int4 recipe (also for a quantized GGUF); one given with a format it does not apply to is an error."""
     from ovchat.convert.recipe import Recipe
 
     int4_options = {"--group-size": group_size, "--ratio": ratio, "--group-size-fallback": group_size_fallback}
     given = [name for name, value in int4_options.items() if value is not None]
+    target = "NPU" if target.upper() == "NPU" else "any"
+    if target == "NPU":
+        if weight_format == "auto":
+            weight_format = "int4"
+        if weight_format == "keep":
+            raise click.UsageError("--device NPU needs a recipe its compiler takes: --weight-format int4, int8 or fp16")
+        if weight_format == "int4" and sym is False:
+            raise click.UsageError("--device NPU needs symmetric int4 (drop --asym)")
+        if weight_format == "int4":  # OpenVINO's NPU guide: sym, ratio 1.0, channel-wise
+            group_size = -1 if group_size is None else group_size
+            ratio = 1.0 if ratio is None else ratio
     if given and weight_format == "auto":
         weight_format = "int4"
     if given and weight_format != "int4":
@@ -349,7 +365,7 @@ def make_recipe(weight_format: str, sym: Optional[bool], group_size: Optional[in
     return Recipe(weight_format=weight_format, sym=sym,
                   group_size=defaults.group_size if group_size is None else group_size,
                   ratio=defaults.ratio if ratio is None else ratio,
-                  group_size_fallback=group_size_fallback or defaults.group_size_fallback)
+                  group_size_fallback=group_size_fallback or defaults.group_size_fallback, target=target)
 
 
 @main.command()

@@ -16,6 +16,9 @@ from ovchat.errors import DeviceError, ModelLoadError, summary
 log = logging.getLogger(__name__)
 
 KNOWN = ("auto", "CPU", "GPU", "GPU.N", "NPU")
+# The window an NPU compile gets when neither the user (--max-context) nor a smaller model says
+# otherwise: its shapes are static, and every token of window costs memory and compile time.
+NPU_DEFAULT_WINDOW = 2048
 
 # CPU precision, chosen by measurement (demo model, 2-core Xeon with AMX; see the README's
 # Performance section). With bf16 (AMX, AVX512-BF16) the plugin computes in bf16 and quantizes the
@@ -53,8 +56,10 @@ def available_devices() -> list[str]:
     return list(ov.Core().available_devices)
 
 
-def choose_device(requested: str = "auto", available: Optional[Sequence[str]] = None) -> DeviceChoice:
-    """Resolve ``requested`` (auto, CPU, GPU, GPU.N, NPU; case-insensitive) against the devices present."""
+def choose_device(requested: str = "auto", available: Optional[Sequence[str]] = None, *,
+                  npu_ready: bool = False) -> DeviceChoice:
+    """Resolve ``requested`` (auto, CPU, GPU, GPU.N, NPU; case-insensitive) against the devices
+    present. ``auto``: a GPU, else the NPU for a model converted for it (``npu_ready``), else the CPU."""
     devices = list(available) if available is not None else available_devices()
     want = (requested or "auto").strip()
     upper = want.upper()
@@ -63,6 +68,8 @@ def choose_device(requested: str = "auto", available: Optional[Sequence[str]] = 
         if gpus:
             name = "GPU" if "GPU" in gpus else sorted(gpus)[0]
             return DeviceChoice(name, f"auto: OpenVINO reports a GPU ({', '.join(gpus)})", True)
+        if npu_ready and "NPU" in devices:
+            return DeviceChoice("NPU", "auto: the model was converted for the NPU and OpenVINO reports one", True)
         return DeviceChoice("CPU", "auto: no GPU reported by OpenVINO, using the CPU", True)
     family, _, index = upper.partition(".")
     if family not in ("CPU", "GPU", "NPU") or (index and not index.isdigit()):
@@ -84,8 +91,22 @@ def _present(name: str, devices: Sequence[str]) -> bool:
     return not index and any(d.split(".")[0] == family for d in devices)
 
 
-def compile_properties(device: DeviceChoice, cache_dir: Optional[Path]) -> Dict[str, str]:
-    """Properties for LLMPipeline: low latency, one stream, and a compiled-model cache off the CPU.
+def npu_window(context_limit: Optional[int]) -> Tuple[int, int]:
+    """(MAX_PROMPT_LEN, MIN_RESPONSE_LEN) of an NPU compile for a window of ``context_limit``
+    tokens (NPU_DEFAULT_WINDOW when unknown). The NPU compiles static shapes, so the window is
+    fixed at load: a quarter of it (128 to 1,024 tokens) is kept for the reply."""
+    window = context_limit or NPU_DEFAULT_WINDOW
+    response = min(1024, max(128, window // 4))
+    if window <= response:
+        raise DeviceError(f"a {window}-token window is too small for the NPU (the reply alone takes {response}); "
+                          "give --max-context 512 or more")
+    return window - response, response
+
+
+def compile_properties(device: DeviceChoice, cache_dir: Optional[Path], *,
+                       context_limit: Optional[int] = None) -> Dict[str, str]:
+    """Properties for LLMPipeline: low latency, one stream, and a compiled-model cache off the CPU;
+    on the NPU, the prompt and reply lengths its static shapes are compiled for.
 
     The cache only pays off on GPU/NPU, where compilation takes seconds; on the CPU it makes
     start-up slower, so it is left off there.
@@ -96,6 +117,9 @@ def compile_properties(device: DeviceChoice, cache_dir: Optional[Path]) -> Dict[
     if device.family in ("GPU", "NPU") and cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         props["CACHE_DIR"] = str(cache_dir)
+    if device.family == "NPU":
+        prompt, response = npu_window(context_limit)
+        props.update(MAX_PROMPT_LEN=str(prompt), MIN_RESPONSE_LEN=str(response))
     return props
 
 

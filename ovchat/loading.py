@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from ovchat.devices import DeviceChoice, choose_device, compile_properties
-from ovchat.errors import InputError
+from ovchat.devices import NPU_DEFAULT_WINDOW, DeviceChoice, choose_device, compile_properties, npu_window
+from ovchat.errors import InputError, OvchatError
 from ovchat.modelfiles import context_length
 from ovchat.progress import ProgressCallback, ignore
 
@@ -31,7 +31,14 @@ class LoadPlan:
         """Compile properties for ``device`` (the planned one, or the CPU a fallback chose)."""
         from ovchat.store import compile_cache_dir
 
-        return compile_properties(device or self.device, compile_cache_dir())
+        return compile_properties(device or self.device, compile_cache_dir(), context_limit=self.context_limit)
+
+    def prompt_limit(self, device: Optional[DeviceChoice] = None) -> Optional[int]:
+        """The longest prompt ``device`` takes, where it is less than the window: the NPU's
+        MAX_PROMPT_LEN (its shapes are compiled in); None elsewhere."""
+        if (device or self.device).family != "NPU":
+            return None
+        return npu_window(self.context_limit)[0]
 
 
 def check_max_context(max_context: Optional[int]) -> None:
@@ -52,5 +59,19 @@ def plan(model: Optional[str | Path] = None, *, device: str = "auto", max_contex
     from ovchat.templatecheck import vet_model
 
     vet_model(path)
-    choice = choose_device(device, available_devices)
-    return LoadPlan(model_path=path, device=choice, context_limit=max_context or context_length(path))
+    choice = choose_device(device, available_devices, npu_ready=_converted_for_npu(path))
+    window = max_context or context_length(path)
+    if choice.family == "NPU" and not max_context:  # static shapes: a bounded window unless asked for more
+        window = min(window or NPU_DEFAULT_WINDOW, NPU_DEFAULT_WINDOW)
+    return LoadPlan(model_path=path, device=choice, context_limit=window)
+
+
+def _converted_for_npu(path: Path) -> bool:
+    from ovchat.modelfiles import MANIFEST, read_manifest
+
+    if Path(path).is_file() or not (Path(path) / MANIFEST).is_file():
+        return False
+    try:
+        return (read_manifest(path).get("recipe") or {}).get("target") == "NPU"
+    except OvchatError:
+        return False

@@ -37,6 +37,7 @@ class LocalBackend:
         self.speculation = speculation
         start = time.perf_counter()
         self.pipeline, self.device = self._compile(loaded, pipeline_factory, notice)
+        self.prompt_limit = loaded.prompt_limit(self.device)  # the NPU's MAX_PROMPT_LEN; None elsewhere
         if self.device.family == "CPU":
             self._warm_up()
         self.load_s = time.perf_counter() - start

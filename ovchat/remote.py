@@ -38,6 +38,7 @@ class RemoteBackend:
         self.device = DeviceChoice(info.device, f"the model is {'loaded already' if loaded else 'served'} by "
                                                 f"ovchat serve at {info.url}", True)
         self.context_limit = card.get("max_model_len")
+        self.prompt_limit = None  # the server refuses what its device cannot take
         self.has_chat_template = bool((card.get("ovchat") or {}).get("chat_template", True))
         self.load_s = 0.0
 

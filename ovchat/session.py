@@ -311,6 +311,7 @@ class ChatSession:
         opts = self.options.with_changes(**options)
         self._refuse_if_busy()
         count = self._backend.count_text(text)
+        self._check_prompt_limit(count, "the text")
         max_new = opts.max_new_tokens
         if self.context_limit is not None:
             if count >= self.context_limit:
@@ -377,6 +378,16 @@ class ChatSession:
 
     # -- the context window -----------------------------------------------------------------------
 
+    def _check_prompt_limit(self, count: int, what: str) -> None:
+        """Refuse, before generating, a prompt longer than the device takes (the NPU's shapes are
+        compiled for MAX_PROMPT_LEN tokens: a longer one would come back garbled, not refused)."""
+        limit = getattr(self._backend, "prompt_limit", None)
+        if limit is not None and count > limit:
+            raise ContextOverflowError(
+                f"{what} needs {count} tokens, but {self.device.name} was compiled for prompts of at most {limit} "
+                f"(its window of {self.context_limit} less room for the reply); shorten it, or load the model "
+                "with a larger --max-context")
+
     def _fit_turn(self, user: Optional[Dict[str, str]], opts: GenerationOptions, plan: ToolPlan) -> tuple:
         """The history for this turn, trimmed to the window, how many tokens the reply may use,
         and the prompt's tokens.
@@ -388,11 +399,13 @@ class ChatSession:
         history = self._messages + ([user] if user is not None else [])
         count = self._backend.count(history, plan)
         limit = self.context_limit
+        prompt_limit = getattr(self._backend, "prompt_limit", None)
         if limit is None:
+            self._check_prompt_limit(count, "the message")
             return history, opts.max_new_tokens, count
         reserve = min(opts.max_new_tokens, max(1, limit // _REPLY_SHARE))
         dropped = 0
-        while count + reserve > limit:
+        while count + reserve > limit or (prompt_limit is not None and count > prompt_limit):
             first = next(i for i, m in enumerate(history) if m["role"] != "system")
             if first == len(history) - 1:
                 break  # only the new message is left
@@ -406,6 +419,7 @@ class ChatSession:
             raise ContextOverflowError(
                 f"the message needs {count} tokens with the system prompt, but the context window is "
                 f"{limit}; shorten it or raise --max-context")
+        self._check_prompt_limit(count, "the message")
         if dropped:
             self._messages = history[:-1] if user is not None else history
             self._notice(f"dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit "

@@ -17,6 +17,7 @@ from ovchat.errors import OptionError
 
 WEIGHT_FORMATS = ("auto", "keep", "int4", "int8", "fp16")
 GROUP_SIZE_FALLBACKS = ("adjust", "ignore", "error")
+TARGETS = ("any", "NPU")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Recipe:
     group_size: int = 128
     ratio: float = 0.6
     group_size_fallback: str = "adjust"
+    # "NPU": the layout the NPU plugin compiles (int4 symmetric, every layer it can, one group per
+    # channel by default: OpenVINO's NPU guide); recorded so that `--device auto` picks the NPU.
+    target: str = "any"
 
     def __post_init__(self):
         if self.weight_format not in WEIGHT_FORMATS:
@@ -47,6 +51,12 @@ class Recipe:
                               "or -1 for per-channel")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
             raise OptionError(f"ratio {self.ratio!r} is invalid; use a number in [0, 1], e.g. 0.6")
+        if self.target not in TARGETS:
+            raise OptionError(f"target {self.target!r} is unknown; use one of {', '.join(TARGETS)}")
+        if self.target == "NPU" and (self.weight_format in ("keep", "auto") or
+                                     (self.weight_format == "int4" and not self.sym)):
+            raise OptionError("the NPU needs symmetric int4 (or int8, fp16): its compiler does not take a GGUF's "
+                              "own blocks or asymmetric int4")
         if self.group_size_fallback not in GROUP_SIZE_FALLBACKS:
             raise OptionError(f"group size fallback {self.group_size_fallback!r} is unknown; use one of "
                               f"{', '.join(GROUP_SIZE_FALLBACKS)}")
@@ -71,6 +81,10 @@ class Recipe:
         return f"{self.weight_format}_{'sym' if self.sym else 'asym'}"
 
     def describe(self) -> str:
+        text = self._describe()
+        return text + ", for the NPU" if self.target == "NPU" else text
+
+    def _describe(self) -> str:
         if self.weight_format == "int4":
             return (f"int4 {'sym' if self.sym else 'asym'}, group size {self.group_size}, ratio {self.ratio:g}, "
                     f"int8_asym backup, group-size fallback {self.group_size_fallback}")
@@ -92,4 +106,4 @@ def short_label(recipe: Mapping[str, object], kept: Optional[Mapping[str, object
     text = f"{fmt}_{'sym' if recipe.get('sym') else 'asym'}"
     if fmt == "int4":
         text += f" g{recipe.get('group_size')} r{recipe.get('ratio')}"
-    return text
+    return text + " npu" if recipe.get("target") == "NPU" else text
