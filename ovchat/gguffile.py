@@ -68,8 +68,8 @@ class GGUFFile:
             # Each key/value takes at least 12 bytes and each tensor description 24: larger counts
             # are lies that would otherwise size a loop or an allocation.
             if n_kv * 12 > len(m) or n_tensors * 24 > len(m):
-                raise FormatError(f"{self.path} has a corrupt or truncated GGUF header ({n_tensors} tensors and {n_kv} keys "
-                                  f"in {len(m)} bytes)")
+                raise FormatError(f"{self.path} has a corrupt or truncated GGUF header ({n_tensors} tensors and "
+                                  f"{n_kv} keys in {len(m)} bytes)")
             pos = 24
             self.fields: Dict[str, Any] = {}
             for _ in range(n_kv):

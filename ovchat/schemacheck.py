@@ -53,7 +53,8 @@ def _check(node: Any, root: Dict[str, Any], where: str, at: str, depth: int) -> 
     if kind is not None:
         kinds = kind if isinstance(kind, list) else [kind]
         if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
-            raise _bad(where, at, f"'type' is {kind!r}; it must be one of {', '.join(sorted(TYPES))} (or a list of them)")
+            raise _bad(where, at, f"'type' is {kind!r}; it must be one of {', '.join(sorted(TYPES))} "
+                                  "(or a list of them)")
     for low, high in _BOUNDS:
         for key in (low, high):
             if key in node and not _number(node[key]):

@@ -55,8 +55,8 @@ def vet(model: Path, template: str, *, cache_dir: Optional[Path] = None, name: O
         return
     problem = _render_in_child(Path(model), template)
     if problem is not None:
-        raise ModelLoadError(f"the chat template of {name or model} {problem}; ovchat will not render it (fix or remove "
-                             "tokenizer.chat_template, or use another copy of the model)")
+        raise ModelLoadError(f"the chat template of {name or model} {problem}; ovchat will not render it (fix or "
+                             "remove tokenizer.chat_template, or use another copy of the model)")
     if mark is not None:
         try:
             mark.parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def test_run_and_serve_refuse_a_model_whose_template_crashes(demo_model, tmp_pat
     assert done.returncode == 1 and b"crashes the renderer" in done.stderr and b"Traceback" not in done.stderr
 
 
-def test_convert_refuses_a_template_that_crashes(tmp_path, demo_gguf):
+def test_convert_refuses_a_template_that_crashes(tmp_path, demo_gguf):  # noqa: F811
     """The template comes with the checkpoint (tokenizer_config.json); nothing is written."""
     import json
 

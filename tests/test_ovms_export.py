@@ -75,8 +75,8 @@ def test_the_repository_has_what_ovms_reads(repository, demo_model, qwen_model):
         text = (folder / "graph.pbtxt").read_text()
         for required in ('calculator: "HttpLLMCalculator"', 'input_side_packet: "LLM_NODE_RESOURCES:llm"',
                          'input_side_packet: "LLM_NODE_EXECUTION_CONTEXTS:llm_ctx"', "back_edge: true",
-                         'input_stream_handler: "SyncSetInputStreamHandler"', 'input_stream: "HTTP_REQUEST_PAYLOAD:input"',
-                         'output_stream: "HTTP_RESPONSE_PAYLOAD:output"'):
+                         'input_stream_handler: "SyncSetInputStreamHandler"',
+                         'input_stream: "HTTP_REQUEST_PAYLOAD:input"', 'output_stream: "HTTP_RESPONSE_PAYLOAD:output"'):
             assert required in text, required
         assert text.count("{") == text.count("}")
         options = graph_options(text)

@@ -169,7 +169,7 @@ def test_a_runtime_only_install_runs_the_demo_gguf_directly(demo_model, tmp_path
     assert "Paris" in session.send("What is the capital of France?", max_new_tokens=24)
 
 
-def test_a_runtime_only_install_says_convert_and_pull_need_the_extra(tmp_path, monkeypatch, demo_gguf):
+def test_a_runtime_only_install_says_convert_and_pull_need_the_extra(tmp_path, monkeypatch, demo_gguf):  # noqa: F811
     """Without the convert extra (simulated as above; a real runtime-only venv gave a
     ModuleNotFoundError traceback for `convert`), convert and pull say what to install before
     reading or downloading anything, and nothing is written."""

@@ -77,7 +77,8 @@ class Checkpoint:
 def read_json(path: Path) -> dict:
     try:
         if path.stat().st_size > _MAX_JSON_BYTES:
-            raise CheckpointError(f"{path} is larger than {_MAX_JSON_BYTES >> 20} MB, which no config is; re-download it")
+            raise CheckpointError(f"{path} is larger than {_MAX_JSON_BYTES >> 20} MB, which no config is; "
+                                  "re-download it")
         data = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
         raise CheckpointError(f"{path} is nested too deeply to be a config; re-download it") from None
