@@ -31,16 +31,20 @@ def prompt(demo_model, text: str):
     return tuple(int(i) for i in tokenizer.encode(templated, add_special_tokens=False).input_ids.data[0])
 
 
-def run_all(engine, requests, *, cancel_after=None, steps=2000):
-    """Add the requests, step until every one ended; the tokens and finish reasons by request."""
-    tokens = {r.rid: [] for r in requests}
+def run_all(engine, requests, *, cancel_after=None, add_at=None, steps=2000):
+    """Add the requests, step until every one ended; the tokens and finish reasons by request.
+    ``add_at``: (step, request) added once that many steps have run."""
+    later = [add_at[1]] if add_at is not None else []
+    tokens = {r.rid: [] for r in [*requests, *later]}
     finished, failures = {}, {}
     for r in requests:
         refused = engine.add(r)
         if refused is not None:
             failures[r.rid] = refused.failure
     for step in range(steps):
-        if not engine.busy:
+        if add_at is not None and step == add_at[0]:
+            assert engine.add(add_at[1]) is None
+        elif not engine.busy:
             break
         if cancel_after is not None and step == cancel_after[1]:
             engine.cancel(cancel_after[0])
@@ -142,20 +146,8 @@ def test_a_request_that_fails_inside_a_step_fails_alone(engine, demo_model):
     alone, _, _ = run_all(engine, [protocol.Add(7, story, GenerationSettings.forced(40))])
     good = protocol.Add(8, story, GenerationSettings.forced(40))
     bad = protocol.Add(9, story, GenerationSettings(max_new_tokens=8, json_schema='{"type": 5}'))
-    tokens = {8: [], 9: []}
-    finished, failures = {}, {}
-    assert engine.add(good) is None
-    for step in range(400):
-        if step == 3:
-            assert engine.add(bad) is None  # accepted: the grammar is compiled in the step
-        if step > 3 and not engine.busy:
-            break
-        for update in engine.step():
-            for out in update.outputs.values():
-                tokens[update.rid] += out.ids
-            finished.update({update.rid: r for r in update.finished.values()})
-            if update.failure is not None:
-                failures[update.rid] = update.failure
+    # The bad request is accepted (its grammar is compiled in a step) while the good one runs.
+    tokens, finished, failures = run_all(engine, [good], add_at=(3, bad))
     assert failures.keys() == {9} and failures[9].code == protocol.ENGINE_FAILED
     assert finished[8] == "length" and tokens[8] == alone[7]
     # The engine is sound afterwards. (Its tokens are not compared: the prefix cache now holds
