@@ -137,3 +137,23 @@ def test_export_refuses_what_it_cannot_write(repository, demo_model, tmp_path, d
     one_line_error(run_ovchat("export", str(demo_gguf), str(tmp_path / "g"), "--ovms"), "not a converted model")
     assert run_ovchat("export", demo_model.name, str(repository), "--ovms", "--force").returncode == 0
     assert run_ovchat("export", demo_model.name, str(tmp_path / "x")).returncode == 2  # --ovms is required
+
+
+def test_the_graphs_parse_with_ovms_and_mediapipe_protos(repository):
+    """The strict check, where OVMS's and MediaPipe's sources are at hand (they are on no package
+    index, so CI skips it): scripts/check_ovms_graphs.py compiles their protos with grpcio-tools'
+    protoc and parses every graph. Set OVCHAT_OVMS_SRC and OVCHAT_MEDIAPIPE_SRC to checkouts of
+    openvinotoolkit/model_server and google-ai-edge/mediapipe, and OVCHAT_PROTOC_PYTHON to a
+    Python with grpcio-tools."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    needed = ("OVCHAT_OVMS_SRC", "OVCHAT_MEDIAPIPE_SRC", "OVCHAT_PROTOC_PYTHON")
+    if not all(os.environ.get(v) for v in needed):
+        pytest.skip(f"set {', '.join(needed)} to parse the graphs with OVMS's own protos")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "check_ovms_graphs.py"
+    done = subprocess.run([os.environ["OVCHAT_PROTOC_PYTHON"], str(script), str(repository), "--ovms-src",
+                           os.environ["OVCHAT_OVMS_SRC"], "--mediapipe-src", os.environ["OVCHAT_MEDIAPIPE_SRC"]],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.count("ok ") == 2, done.stdout + done.stderr
