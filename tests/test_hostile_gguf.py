@@ -174,3 +174,13 @@ def test_convert_checks_the_container_too(original, tmp_path):
     path.write_bytes(crafted)
     with pytest.raises(CheckpointError, match="past the end"):
         open_gguf(path)
+
+
+def test_the_type_table_agrees_with_gguf_py():
+    """ovchat's table of ggml types (the runtime has no gguf package) against gguf-py's."""
+    gguf = pytest.importorskip("gguf")
+    from ovchat.ggufcheck import GGML_TYPES
+
+    theirs = {int(t): (t.name, block, size) for t, (block, size) in gguf.GGML_QUANT_SIZES.items()}
+    assert {k: v for k, v in GGML_TYPES.items() if k in theirs} == {k: v for k, v in theirs.items() if k in GGML_TYPES}
+    assert set(theirs) <= set(GGML_TYPES), sorted(set(theirs) - set(GGML_TYPES))

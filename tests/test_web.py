@@ -274,6 +274,7 @@ def test_a_hostile_reply_is_shown_as_text(server, context):
                      + "\n\n" for p in pieces)
     events += "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces),
                                                                "total_tokens": 5 + len(pieces)}}) + "\n\ndata: [DONE]\n\n"
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
     tab = Page(context, server.url)
     tab.give_key()
     tab.models()
@@ -291,7 +292,8 @@ def test_a_hostile_reply_is_shown_as_text(server, context):
     assert "[click](javascript:" in text
     assert reply.locator("pre code").inner_text() == "<b>bold</b>" and reply.locator("pre b").count() == 0
     reply.locator(".copy").click()
-    assert reply.locator(".copy").inner_text() == "Copied"
+    expect(reply.locator(".copy")).to_have_text("Copied")
+    assert tab.page.evaluate("() => navigator.clipboard.readText()") == "<b>bold</b>"
     assert tab.errors == []
 
 
@@ -343,7 +345,9 @@ def test_a_busy_server_is_a_message_and_the_question_stays(demo_model, browser):
 
 
 def test_a_phone_in_dark_mode(server, browser):
-    context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark", is_mobile=True)
+    # Reduced motion: the list slides in without a transition, so what is measured has settled.
+    context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark", is_mobile=True,
+                                  reduced_motion="reduce")
     try:
         tab = Page(context, server.url)
         tab.give_key()
@@ -355,7 +359,9 @@ def test_a_phone_in_dark_mode(server, browser):
         assert not page.locator("#sidebar").is_visible() or page.locator("#sidebar").bounding_box()["x"] < -100
         page.click("#open-sidebar")
         page.locator("#new-chat").wait_for(state="visible")
+        assert page.locator("#sidebar").bounding_box()["x"] == 0
         page.click("#close-sidebar")
+        assert page.locator("#sidebar").bounding_box()["x"] < -100
         box = page.locator("#prompt").bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= 390
         width = page.evaluate("() => document.documentElement.scrollWidth")
