@@ -592,8 +592,11 @@ def stop(model):
               help="KV cache of each model in GB; 0: it grows with the work.")
 @click.option("--storage-uri", default="pvc://ovchat-models/", show_default=True,
               help="Where the KServe InferenceService finds the repository (copy DIRECTORY there).")
+@click.option("--draft-model", default=None, metavar="MODEL",
+              help="A smaller stored model of the same tokenizer for speculative decoding (one MODEL only).")
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if ovchat exported there before.")
-def export(models, directory, ovms, device, max_concurrency, prefill_chunk, kv_cache_gb, storage_uri, force):
+def export(models, directory, ovms, device, max_concurrency, prefill_chunk, kv_cache_gb, storage_uri, draft_model,
+           force):
     """Write stored chat MODELS as an OpenVINO Model Server repository in DIRECTORY.
 
     For a deployment that outgrows one box: per model its IR and tokenizer IRs (hard-linked), its
@@ -606,8 +609,10 @@ def export(models, directory, ovms, device, max_concurrency, prefill_chunk, kv_c
     from ovchat.store import resolve_model
 
     paths = [resolve_model(m) for m in models]
+    draft = resolve_model(draft_model) if draft_model else None
     done = export_repository(paths, directory, force=force, storage_uri=storage_uri, settings=ServingSettings(
-        device=device, max_num_seqs=max_concurrency, max_num_batched_tokens=prefill_chunk, cache_size_gb=kv_cache_gb))
+        device=device, max_num_seqs=max_concurrency, max_num_batched_tokens=prefill_chunk, cache_size_gb=kv_cache_gb,
+        draft=draft))
     click.echo(str(done.root))
     notice(f"exported {', '.join(done.models)}; serve it with:\n  {done.docker_command()}\n"
            f"or on Kubernetes: copy {done.root} to {storage_uri} and kubectl apply -f {done.kserve}")

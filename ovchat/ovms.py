@@ -47,6 +47,7 @@ class ServingSettings:
     cache_size_gb: int = 0  # 0: the KV cache grows with the work
     enable_prefix_caching: bool = True
     extra_plugin_config: Dict[str, str] = field(default_factory=dict)
+    draft: Optional[Path] = None  # a smaller model of the same tokenizer for speculative decoding
 
 
 @dataclass
@@ -75,6 +76,9 @@ def parsers(template: str) -> Dict[str, str]:
     return found
 
 
+DRAFT_DIR = "draft"  # the draft model's folder inside the model's, as OVMS's graph export names it
+
+
 def graph(manifest: dict, template: str, settings: ServingSettings) -> str:
     """The model's graph.pbtxt: OVMS's text-generation graph with ovchat's options."""
     plugin = {**(manifest.get("runtime_options") or {}), **settings.extra_plugin_config}
@@ -85,6 +89,8 @@ def graph(manifest: dict, template: str, settings: ServingSettings) -> str:
     if plugin:
         options.append(("plugin_config", json.dumps(plugin, sort_keys=True)))
     options += sorted(parsers(template).items())
+    if settings.draft is not None:
+        options.append(("draft_models_path", DRAFT_DIR))
     body = "\n".join(f"        {key}: {_value(value)}" for key, value in options)
     name = (manifest.get("store") or {}).get("name") or "the model"
     return f"""# OpenVINO Model Server graph of {name}, written by ovchat export
@@ -208,6 +214,10 @@ def export(models: Sequence[Path], root: Path, *, settings: Optional[ServingSett
 
     settings = settings or ServingSettings()
     root = Path(root).expanduser().absolute()
+    if settings.draft is not None and len(models) != 1:
+        raise InputError("--draft-model speeds up one model: export exactly one with it")
+    if settings.draft is not None and not (Path(settings.draft) / MANIFEST).is_file():
+        raise InputError(f"{settings.draft} is not a converted model; the draft must be one of the store")
     if root.exists():
         if not force:
             raise InputError(f"{root} already exists; choose another folder, or pass --force to replace an "
@@ -245,6 +255,11 @@ def export(models: Sequence[Path], root: Path, *, settings: Optional[ServingSett
                 tokenizer_config["chat_template"] = template
                 (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
                 (target / "chat_template.jinja").write_text(template)
+            if settings.draft is not None:
+                (target / DRAFT_DIR).mkdir()
+                for file in _COPIED:
+                    if (Path(settings.draft) / file).is_file():
+                        _link_or_copy(Path(settings.draft) / file, target / DRAFT_DIR / file)
             (target / "graph.pbtxt").write_text(graph(read_manifest(model), template, settings))
             written[name] = root / name
         config = {"model_config_list": [{"config": {"name": name, "base_path": name}} for name in seen]}

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 # LLMCalculatorOptions' fields that ovchat writes, with their proto types (OVMS src/llm/llm_calculator.proto).
 OPTION_TYPES = {"models_path": str, "device": str, "max_num_seqs": int, "max_num_batched_tokens": int,
                 "cache_size": int, "enable_prefix_caching": bool, "dynamic_split_fuse": bool, "plugin_config": str,
-                "tool_parser": str, "reasoning_parser": str}
+                "tool_parser": str, "reasoning_parser": str, "draft_models_path": str}
 TOOL_PARSERS = {"hermes3", "llama3", "mistral", "phi4", "qwen3coder", "devstral", "gptoss"}
 
 
@@ -157,3 +157,28 @@ def test_the_graphs_parse_with_ovms_and_mediapipe_protos(repository):
                            os.environ["OVCHAT_OVMS_SRC"], "--mediapipe-src", os.environ["OVCHAT_MEDIAPIPE_SRC"]],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.count("ok ") == 2, done.stdout + done.stderr
+
+
+def test_a_draft_model_goes_beside_the_model_and_loads_as_ovms_loads_it(demo_model, tmp_path):
+    """With --draft-model the graph names the draft's folder (draft_models_path, relative to the
+    model's) and the pipeline loads with it as OVMS's calculator does (the draft on the same device)."""
+    import openvino_genai
+
+    root = tmp_path / "repo"
+    done = run_ovchat("export", demo_model.name, str(root), "--ovms", "--draft-model", demo_model.name)
+    assert done.returncode == 0, done.stderr
+    folder = root / demo_model.name
+    options = graph_options((folder / "graph.pbtxt").read_text())
+    draft = folder / options["draft_models_path"]
+    assert (draft / "openvino_model.xml").is_file()
+    scheduler = openvino_genai.SchedulerConfig()
+    scheduler.max_num_seqs, scheduler.cache_size = options["max_num_seqs"], options["cache_size"]
+    pipe = openvino_genai.ContinuousBatchingPipeline(
+        str(folder), scheduler, options["device"], {"draft_model": openvino_genai.draft_model(str(draft), "CPU")})
+    config = pipe.get_config()
+    config.max_new_tokens, config.num_assistant_tokens = 16, 3
+    prompt = pipe.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    assert "Paris" in pipe.generate([prompt], [config])[0].m_generation_ids[0]
+    one_line_error(run_ovchat("export", demo_model.name, demo_model.name, str(tmp_path / "two"), "--ovms",
+                              "--draft-model", demo_model.name), "exactly one")
