@@ -127,7 +127,7 @@ def test_the_exported_model_loads_as_the_llm_calculator_loads_it(repository, dem
     assert "Paris" in result.m_generation_ids[0]
 
 
-def test_export_refuses_what_it_cannot_write(repository, demo_model, tmp_path, demo_gguf):
+def test_export_refuses_what_it_cannot_write(repository, demo_model, tmp_path, demo_gguf):  # noqa: F811
     one_line_error(run_ovchat("export", demo_model.name, str(repository), "--ovms"), "already exists")
     mine = tmp_path / "mine"
     mine.mkdir()
