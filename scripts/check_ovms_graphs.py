@@ -1,4 +1,4 @@
-"""Parse the graphs of an `ovchat export --ovms` repository with OVMS's and MediaPipe's own protos.
+"""Check an `ovchat export --ovms` repository with OVMS's and MediaPipe's own definitions.
 
     python scripts/check_ovms_graphs.py REPOSITORY --ovms-src MODEL_SERVER --mediapipe-src MEDIAPIPE
 
@@ -9,7 +9,9 @@ package index, so this runs where they can be fetched, in a venv with grpcio-too
 and protobuf). Each ``graph.pbtxt`` is parsed with protobuf's text format into MediaPipe's
 CalculatorGraphConfig, the LLM node's options are unpacked as OVMS's LLMCalculatorOptions (so a
 misspelt field, a wrong type or an unknown enum value fails), and the required fields are
-checked. Prints one line per graph; exits 1 if any fails.
+checked. ``config.json`` is validated with jsonschema against the schema OVMS validates it with
+(``MODELS_CONFIG_SCHEMA``, read out of ``src/schema.cpp``: its C++ raw strings joined as the
+compiler joins them). Prints one line per file; exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -43,6 +46,42 @@ def compile_protos(ovms_src: Path, mediapipe_src: Path, out: Path) -> None:
     code = protoc.main(["protoc", f"-I{include}", f"-I{well_known}", f"--python_out={out}", *files])
     if code != 0:
         raise SystemExit(f"protoc failed ({code}) on {', '.join(files)}")
+
+
+def ovms_config_schema(schema_cpp: str, name: str = "MODELS_CONFIG_SCHEMA") -> dict:
+    """The JSON schema ``name`` of OVMS's src/schema.cpp: a C++ expression of raw string literals
+    and other such constants joined by ``+`` (preprocessor lines skipped: MediaPipe enabled)."""
+    constants: dict = {}
+    for match in re.finditer(r"const (?:std::string|char\*) (\w+) = ", schema_cpp):
+        pieces, pos = [], match.end()
+        while True:
+            while schema_cpp[pos] in " \t\r\n+":
+                pos += 1
+            if schema_cpp.startswith('R"(', pos):
+                end = schema_cpp.index(')"', pos + 3)
+                pieces.append(schema_cpp[pos + 3:end])
+                pos = end + 2
+            elif schema_cpp[pos] == "#":
+                pos = schema_cpp.index("\n", pos)
+            elif schema_cpp[pos] == ";":
+                break
+            else:
+                ident = re.match(r"\w+", schema_cpp[pos:]).group(0)
+                pieces.append(constants[ident])
+                pos += len(ident)
+        constants[match.group(1)] = "".join(pieces)
+    return json.loads(constants[name])
+
+
+def check_config(repository: Path, ovms_src: Path) -> list:
+    import jsonschema
+
+    schema = ovms_config_schema((ovms_src / "src" / "schema.cpp").read_text())
+    try:
+        jsonschema.validate(json.loads((repository / "config.json").read_text()), schema)
+    except jsonschema.ValidationError as e:
+        return [e.message]
+    return []
 
 
 def check_graph(path: Path, modules: dict) -> list:
@@ -87,7 +126,10 @@ def main() -> int:
         importlib.import_module("mediapipe.framework.stream_handler.sync_set_input_stream_handler_pb2")
         from google.protobuf import text_format
 
-        failed = False
+        problems = check_config(args.repository, args.ovms_src)
+        failed = bool(problems)
+        print(f"{'FAIL' if problems else 'ok  '} {args.repository / 'config.json'}" +
+              (f": {'; '.join(problems)}" if problems else ""))
         for graph in sorted(args.repository.glob("*/graph.pbtxt")):
             try:
                 problems = check_graph(graph, modules)

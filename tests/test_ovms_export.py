@@ -139,10 +139,10 @@ def test_export_refuses_what_it_cannot_write(repository, demo_model, tmp_path, d
     assert run_ovchat("export", demo_model.name, str(tmp_path / "x")).returncode == 2  # --ovms is required
 
 
-def test_the_graphs_parse_with_ovms_and_mediapipe_protos(repository):
+def test_the_repository_passes_ovms_own_protos_and_config_schema(repository):
     """The strict check, where OVMS's and MediaPipe's sources are at hand (they are on no package
     index, so CI skips it): scripts/check_ovms_graphs.py compiles their protos with grpcio-tools'
-    protoc and parses every graph. Set OVCHAT_OVMS_SRC and OVCHAT_MEDIAPIPE_SRC to checkouts of
+    protoc and parses every graph, and validates config.json with OVMS's own config schema. Set OVCHAT_OVMS_SRC and OVCHAT_MEDIAPIPE_SRC to checkouts of
     openvinotoolkit/model_server and google-ai-edge/mediapipe, and OVCHAT_PROTOC_PYTHON to a
     Python with grpcio-tools."""
     import os
@@ -156,7 +156,7 @@ def test_the_graphs_parse_with_ovms_and_mediapipe_protos(repository):
     done = subprocess.run([os.environ["OVCHAT_PROTOC_PYTHON"], str(script), str(repository), "--ovms-src",
                            os.environ["OVCHAT_OVMS_SRC"], "--mediapipe-src", os.environ["OVCHAT_MEDIAPIPE_SRC"]],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.count("ok ") == 2, done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.count("ok ") == 3, done.stdout + done.stderr  # config + 2 graphs
 
 
 def test_a_draft_model_goes_beside_the_model_and_loads_as_ovms_loads_it(demo_model, tmp_path):
