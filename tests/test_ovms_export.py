@@ -142,7 +142,8 @@ def test_export_refuses_what_it_cannot_write(repository, demo_model, tmp_path, d
 def test_the_repository_passes_ovms_own_protos_and_config_schema(repository):
     """The strict check, where OVMS's and MediaPipe's sources are at hand (they are on no package
     index, so CI skips it): scripts/check_ovms_graphs.py compiles their protos with grpcio-tools'
-    protoc and parses every graph, and validates config.json with OVMS's own config schema. Set OVCHAT_OVMS_SRC and OVCHAT_MEDIAPIPE_SRC to checkouts of
+    protoc and parses every graph, and validates config.json with OVMS's own config schema. Set
+    OVCHAT_OVMS_SRC and OVCHAT_MEDIAPIPE_SRC to checkouts of
     openvinotoolkit/model_server and google-ai-edge/mediapipe, and OVCHAT_PROTOC_PYTHON to a
     Python with grpcio-tools."""
     import os
