@@ -774,12 +774,16 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
                    "answers loopback names only, so web pages cannot reach it through DNS rebinding.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from this origin call the API (repeatable; '*' for any). Off by default.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True,
+              envvar="OVCHAT_MAX_CONNECTIONS", show_envvar=True,
+              help="Open connections at once; past it new ones are closed as they come (fewer where the process "
+                   "may open fewer files).")
 @click.option("--web/--no-web", default=True, show_default=True,
               help="Serve the chat page at / (a browser on the box's address chats with the models).")
 @speculation_options
 def serve(models, device, max_context, host, port, api_key, max_memory, max_loaded, keep_alive, max_concurrency,
-          max_queue, kv_cache_gb, prefill_chunk, niceness, prefix_cache, allow_hosts, cors_origins, web, prompt_lookup,
-          draft_model, speculate_tokens, lookup_ngram):
+          max_queue, kv_cache_gb, prefill_chunk, niceness, prefix_cache, allow_hosts, cors_origins, max_connections, web,
+          prompt_lookup, draft_model, speculate_tokens, lookup_ngram):
     """Serve the store's models over HTTP, with the OpenAI and the ollama APIs.
 
     A request's "model" names any model in the store (or one given with -m); it is loaded on
@@ -813,7 +817,7 @@ def serve(models, device, max_context, host, port, api_key, max_memory, max_load
                            context_limit=max_context, allow_hosts=list(allow_hosts), cors_origins=list(cors_origins),
                            keep_alive_s=keep_alive_s, pinned_keep_alive_s=keep_alive_s if keep_pinned else None,
                            max_memory=budget, max_loaded=max_loaded, niceness=niceness, prefix_cache=prefix_cache,
-                           web=web,
+                           web=web, max_connections=max_connections,
                            speculation=make_speculation(prompt_lookup, draft_model, speculate_tokens, lookup_ngram))
     try:
         run_server(paths, chosen, compile_properties(chosen, compile_cache_dir()), options)

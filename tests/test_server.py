@@ -486,19 +486,29 @@ def test_a_bad_schema_is_its_own_400_and_streams_beside_it_finish(server):
                        headers={"Authorization": f"Bearer {KEY}"}) as running:
         lines = running.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
+        import ollama
+        import openai
+
+        chat = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"})
         for schema in BAD_SCHEMAS:
             fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
             assert_error(server.post("/v1/chat/completions", {"model": server.model, "messages": QUESTION,
                                                               "response_format": fmt}),
                          400, param="response_format.json_schema.schema")
+            # The official clients see the 400 as theirs (the openai client would otherwise retry a 503).
+            with pytest.raises(openai.BadRequestError):
+                server.client().chat.completions.create(model=server.model, messages=QUESTION, response_format=fmt)
+            with pytest.raises(ollama.ResponseError) as refused:
+                chat.chat(model=server.model, messages=QUESTION, format=schema)
+            assert refused.value.status_code == 400 and "not a usable JSON schema" in str(refused.value)
             tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                                   "properties": {"x": schema}}}}
             assert_error(server.post("/v1/chat/completions", {"model": server.model, "messages": QUESTION,
                                                               "tools": [tool], "tool_choice": "required"}),
                          400, param="tools[0].function.parameters")
-            ollama = server.post("/api/chat", {"model": server.model, "messages": QUESTION, "format": schema,
-                                               "stream": False})
-            assert ollama.status_code == 400 and "not a usable JSON schema" in ollama.json()["error"]
+            raw = server.post("/api/chat", {"model": server.model, "messages": QUESTION, "format": schema,
+                                            "stream": False})
+            assert raw.status_code == 400 and "not a usable JSON schema" in raw.json()["error"]
         events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), events[-1]
     assert not any("error" in e for e in events)
@@ -801,6 +811,55 @@ def test_half_sent_requests_are_closed_and_others_are_served(server):
     finally:
         for s in [*half, silent, huge]:
             s.close()
+
+
+@pytest.mark.slow
+def test_past_the_connection_cap_new_connections_are_closed_at_once():
+    """--max-connections 20 and 20 connections that send half a request: the next ones are
+    closed as soon as they are accepted, while the 20 are still open (their head deadline has not
+    come); once they go, the server answers again."""
+    import socket
+
+    s = start_server(None, "--max-connections", "20")
+    host, port = s.url.removeprefix("http://").split(":")
+    held = []
+    try:
+        for _ in range(20):
+            c = socket.create_connection((host, int(port)), timeout=60)
+            c.sendall(b"GET /health HTTP/1.1\r\nHo")
+            held.append(c)
+        time.sleep(0.5)  # let the server accept them all
+        extra = []
+        for _ in range(5):
+            c = socket.create_connection((host, int(port)), timeout=60)
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            extra.append(c)
+        for c in extra:
+            try:
+                assert c.recv(1024) == b""  # closed, unanswered
+            except ConnectionResetError:  # closed with the request unread: a reset, as closed
+                pass
+            c.close()
+        for c in held:  # still open: a read finds nothing yet rather than the end
+            c.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                c.recv(1024)
+        for c in held:
+            c.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx2.get(s.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert "more than 20 connections are open" in s.log()
+    finally:
+        for c in held:
+            c.close()
+        s.proc.kill()
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ class ServeOptions:
     prefix_cache: bool = True  # off: every request is prefilled from its first token (for measurements)
     speculation: Optional[Speculation] = None  # prompt lookup (every model) or a draft model (the -m model)
     web: bool = True  # the chat page at /
+    max_connections: int = 1024  # open connections; past it new ones are closed as they come
 
 
 def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, str], options: ServeOptions, *,
@@ -150,7 +151,7 @@ def serve(models: Sequence[Path], device: DeviceChoice, properties: Dict[str, st
     from ovchat.server.connections import connection_cap, protocol
 
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_S,
-                            server_header=False, http=protocol(connection_cap()))
+                            server_header=False, http=protocol(connection_cap(options.max_connections)))
     server = _Server(config, drain=app.state.drain)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     loading = f"loading {', '.join(names)}" if names else "models load on first use"

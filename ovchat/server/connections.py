@@ -21,20 +21,20 @@ MAX_CONNECTIONS = 1024
 _SPARE_DESCRIPTORS = 256  # for the engines' pipes, the model files and the logs
 
 
-def connection_cap() -> int:
-    """MAX_CONNECTIONS, or fewer where the process may open fewer files (after raising its soft
-    limit to the hard one)."""
+def connection_cap(wanted: int = MAX_CONNECTIONS) -> int:
+    """``wanted``, or fewer where the process may open fewer files (after raising its soft limit
+    to the hard one)."""
     try:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
-            target = MAX_CONNECTIONS + _SPARE_DESCRIPTORS if hard == resource.RLIM_INFINITY else hard
+            target = wanted + _SPARE_DESCRIPTORS if hard == resource.RLIM_INFINITY else hard
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
             soft = max(soft, target)
     except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep what there is
-        return MAX_CONNECTIONS
-    return max(16, min(MAX_CONNECTIONS, soft - _SPARE_DESCRIPTORS))
+        return wanted
+    return max(1, min(wanted, soft - _SPARE_DESCRIPTORS))
 
 
 def protocol(cap: int, header_timeout_s: float = HEADER_TIMEOUT_S) -> type:
