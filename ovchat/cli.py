@@ -782,8 +782,8 @@ def bench(model, prompt_tokens, new_tokens, runs, device, as_json):
               help="Serve the chat page at / (a browser on the box's address chats with the models).")
 @speculation_options
 def serve(models, device, max_context, host, port, api_key, max_memory, max_loaded, keep_alive, max_concurrency,
-          max_queue, kv_cache_gb, prefill_chunk, niceness, prefix_cache, allow_hosts, cors_origins, max_connections, web,
-          prompt_lookup, draft_model, speculate_tokens, lookup_ngram):
+          max_queue, kv_cache_gb, prefill_chunk, niceness, prefix_cache, allow_hosts, cors_origins, max_connections,
+          web, prompt_lookup, draft_model, speculate_tokens, lookup_ngram):
     """Serve the store's models over HTTP, with the OpenAI and the ollama APIs.
 
     A request's "model" names any model in the store (or one given with -m); it is loaded on

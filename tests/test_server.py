@@ -472,7 +472,8 @@ def test_json_schema_reply_validates_and_json_object_is_an_object(server):
 
 
 BAD_SCHEMAS = [{"type": "strnig"}, {"type": 5}, {"type": "integer", "minimum": 5, "maximum": 1},
-               {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, {"type": "string", "pattern": "(["},
+               {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+               {"type": "string", "pattern": "(["},
                {"type": "array", "minItems": 3, "maxItems": 1}, {"type": "object", "properties": []}]
 
 
