@@ -724,13 +724,16 @@ def test_metrics_are_prometheus_text(server):
 
 @pytest.mark.slow
 def test_health_answers_at_once_while_a_long_prompt_is_prefilled(server):
-    """The engine is a process of its own: a long prefill cannot hold the HTTP side's GIL.
+    """The engine is a process of its own: a long prefill cannot hold the HTTP side's GIL, so
+    /health keeps answering while it runs. Checked by order, not by time: if /health waited for
+    the prefill, at most one answer could come back before the prefill's own response; here
+    several must. Each attempt's prompt is new (the prefix cache must not shorten it), and up to
+    three are made, as a starved machine can stall the test's own client for a while."""
+    import uuid
 
-    Up to three prefills are measured, and the first that meets the bounds passes: on a busy
-    machine the scheduler alone can stall the HTTP process once, and the claim is about ovchat."""
-    long_prompt = "The quick brown fox jumps over the lazy dog. " * 500  # ~5,000 tokens
-    measured = []
+    answered = []
     for attempt in range(3):
+        long_prompt = f"{uuid.uuid4().hex} " + "The quick brown fox jumps over the lazy dog. " * 600  # ~6,000 tokens
         done = threading.Event()
 
         def prefill():
@@ -740,20 +743,16 @@ def test_health_answers_at_once_while_a_long_prompt_is_prefilled(server):
         worker = threading.Thread(target=prefill)
         worker.start()
         time.sleep(0.3)
-        latencies = []
-        while not done.is_set() and len(latencies) < 200:
-            start = time.perf_counter()
+        during = 0
+        while not done.is_set() and during < 50:
             assert httpx2.get(server.url + "/health", timeout=30).status_code == 200
-            latencies.append(time.perf_counter() - start)
+            during += 0 if done.is_set() else 1  # answered before the prefill's response came
             time.sleep(0.02)
         worker.join()
-        assert len(latencies) >= 10, "the prefill ended before /health could be measured during it"
-        latencies.sort()
-        measured.append((latencies[len(latencies) // 2], latencies[-1]))
-        # Measured on a 2-core machine: a few milliseconds. Bounds with room for a busy machine.
-        if measured[-1][0] < 0.1 and measured[-1][1] < 1.0:
+        answered.append(during)
+        if during >= 3:
             break
-    assert any(median < 0.1 and worst < 1.0 for median, worst in measured), measured
+    assert max(answered) >= 3, answered
 
 
 @pytest.mark.slow
